@@ -1,0 +1,156 @@
+//! [`Profiler`]: the `GlobalAlloc` wrapper.
+
+use crate::guard::ReentrancyGuard;
+use crate::live::{self, LiveMeta};
+use crate::sampler::sample_weight;
+use crate::stack::StackBuf;
+use crate::table::TABLE;
+use crate::{thread, unwind};
+use std::alloc::{GlobalAlloc, Layout};
+
+/// A `GlobalAlloc` that samples the allocations it passes on to `A`.
+///
+/// ```
+/// use std::alloc::System;
+/// #[global_allocator]
+/// static ALLOC: allocprof_core::Profiler<System> = allocprof_core::Profiler::new(System);
+/// # fn main() {}
+/// ```
+///
+/// All `Profiler` values in a process share one profile: there is one global allocator.
+///
+/// # What it costs
+///
+/// An allocation or free that is not sampled costs a thread-local decrement, an
+/// increment and a branch; a free also probes the live set of sampled pointers with one
+/// or two atomic loads. Sampled allocations (one per [`crate::sample_rate`] bytes on
+/// average) capture the stack and update the table.
+pub struct Profiler<A> {
+    inner: A,
+}
+
+impl<A> Profiler<A> {
+    /// Wraps `inner`. Usable in a `static`.
+    pub const fn new(inner: A) -> Self {
+        Profiler { inner }
+    }
+
+    /// The wrapped allocator.
+    pub const fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+// SAFETY: every method forwards the caller's request to the inner allocator unchanged
+// (same pointer, same layout) and returns its result unchanged; the profiler only
+// observes. The GlobalAlloc contract therefore holds exactly as it holds for `A`.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout (the caller upholds alloc's contract).
+        let ptr = unsafe { self.inner.alloc(layout) };
+        if !ptr.is_null() && thread::on_alloc(layout.size()) {
+            on_alloc_slow(ptr, layout.size());
+        }
+        ptr
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let ptr = unsafe { self.inner.alloc_zeroed(layout) };
+        if !ptr.is_null() && thread::on_alloc(layout.size()) {
+            on_alloc_slow(ptr, layout.size());
+        }
+        ptr
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // Forget the sample *before* the memory goes back: once it is back, another thread
+        // may be handed the same address and sample it.
+        if live::contains(ptr as usize) {
+            on_sampled_free(ptr as usize);
+        }
+        // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
+        unsafe { self.inner.dealloc(ptr, layout) };
+        if thread::on_free(layout.size()) {
+            thread::free_event();
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // For sampling, a realloc is the free of the old block and the allocation of the
+        // new one. The old record is taken out first (see `dealloc`) and put back if the
+        // inner allocator fails, in which case the old block is untouched and still live.
+        let old = if live::contains(ptr as usize) {
+            live::remove(ptr as usize)
+        } else {
+            None
+        };
+        // SAFETY: forwarded unchanged; the caller upholds realloc's contract.
+        let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
+        if new.is_null() {
+            if let Some(meta) = old {
+                live::insert(ptr as usize, meta);
+            }
+            return new;
+        }
+        if let Some(meta) = old {
+            TABLE.record_free(meta.stack, meta.size, meta.weight);
+        }
+        if thread::on_free(layout.size()) {
+            thread::free_event();
+        }
+        if thread::on_alloc(new_size) {
+            on_alloc_slow(new, new_size);
+        }
+        new
+    }
+}
+
+/// The allocation side's slow event: flush, and sample if a sample point fell inside.
+#[cold]
+#[inline(never)]
+fn on_alloc_slow(ptr: *mut u8, size: usize) {
+    if let Some(rate) = thread::alloc_event(size) {
+        let marker = 0u8;
+        if let Some(_mark) = ReentrancyGuard::enter() {
+            sample(
+                ptr as usize,
+                size,
+                rate,
+                std::ptr::addr_of!(marker) as usize,
+            );
+        }
+    }
+}
+
+/// Records one sampled allocation. Runs with the reentrancy mark set; the stack buffer
+/// is on this frame, so nothing here allocates except the table's growth (allowed under
+/// the mark).
+#[inline(never)]
+fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
+    let mut stack = StackBuf::new();
+    unwind::capture(&mut stack, marker);
+    let weight = sample_weight(size, rate);
+    let id = TABLE.record_alloc(stack.as_slice(), size, weight);
+    live::insert(
+        ptr,
+        LiveMeta {
+            stack: id,
+            size,
+            weight,
+        },
+    );
+}
+
+/// The free of a sampled object: credit its stack.
+#[cold]
+#[inline(never)]
+fn on_sampled_free(ptr: usize) {
+    if let Some(meta) = live::remove(ptr) {
+        TABLE.record_free(meta.stack, meta.size, meta.weight);
+    }
+}

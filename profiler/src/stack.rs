@@ -1,0 +1,76 @@
+//! Addresses and captured stacks.
+//!
+//! A captured stack holds *return addresses*: for every caller frame, the address the
+//! callee returns to, which is the instruction after the call. Symbolizing that address
+//! would name the line after the call (or even the next function), so lookups use the
+//! address one byte before it, which lies inside the call instruction. The two are
+//! separate types and [`ReturnAddress::lookup`] is the one place the −1 happens.
+
+/// Deepest stack kept. Deeper stacks keep their innermost `MAX_DEPTH` frames.
+///
+/// 128 (not 32) so that Pyroscope's truncation heuristic, which triggers on stacks of
+/// 28–32 frames, does not fire on ordinary deep stacks.
+pub const MAX_DEPTH: usize = 128;
+
+/// A return address as found on the stack (the instruction after a call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct ReturnAddress(pub usize);
+
+/// An address inside the call instruction: what symbolization and pprof's
+/// `Location.address` use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LookupAddress(pub usize);
+
+impl ReturnAddress {
+    /// The address to symbolize: one byte before the return address.
+    #[inline]
+    pub fn lookup(self) -> LookupAddress {
+        LookupAddress(self.0.saturating_sub(1))
+    }
+}
+
+/// A fixed-capacity stack buffer filled on the sampled path without allocating.
+pub(crate) struct StackBuf {
+    frames: [usize; MAX_DEPTH],
+    len: usize,
+}
+
+impl StackBuf {
+    pub(crate) const fn new() -> Self {
+        StackBuf {
+            frames: [0; MAX_DEPTH],
+            len: 0,
+        }
+    }
+
+    /// Appends a return address; returns `false` once the buffer is full.
+    #[inline]
+    pub(crate) fn push(&mut self, addr: usize) -> bool {
+        if self.len == MAX_DEPTH {
+            return false;
+        }
+        self.frames[self.len] = addr;
+        self.len += 1;
+        self.len < MAX_DEPTH
+    }
+
+    /// The captured return addresses, innermost (leaf) first.
+    pub(crate) fn as_slice(&self) -> &[usize] {
+        &self.frames[..self.len]
+    }
+}
+
+/// FNV-1a-style hash over the words of a stack, mixed at the end. Used to pick a shard
+/// and as the table's hash; no allocation.
+pub(crate) fn hash_stack(frames: &[usize]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &f in frames {
+        h ^= f as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        h ^= h >> 29;
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}

@@ -1,0 +1,112 @@
+//! Exact totals and the profiler's own figures.
+
+use crate::thread::{FLUSH_BYTES, TOTALS};
+use crate::{config, live, symbolize, table::TABLE};
+use std::sync::atomic::Ordering;
+
+/// Exact allocation totals and the profiler's own figures, from [`stats`].
+///
+/// # Staleness
+///
+/// The totals are exact but published lazily: each thread keeps up to
+/// [`Stats::FLUSH_BYTES`] (64 KiB) of allocation, and as much of freeing, in thread-local
+/// counters before adding them to the process-wide totals, so that the allocator's fast
+/// path needs no atomic read-modify-write. A call to [`stats`] first publishes the calling
+/// thread's own counters, so the figures are behind by at most
+/// `FLUSH_BYTES × (other threads that allocate)` bytes in each direction (and at most as
+/// many allocations or frees, since each is at least one byte). Threads that exit publish
+/// what they hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Bytes allocated since start (each `realloc` counts as a free and an allocation).
+    pub allocated_bytes: u64,
+    /// Allocations since start.
+    pub allocations: u64,
+    /// Bytes freed since start.
+    pub freed_bytes: u64,
+    /// Frees since start.
+    pub frees: u64,
+    /// `allocated_bytes − freed_bytes` (zero if stale counters make it negative).
+    pub in_use_bytes: u64,
+    /// `allocations − frees` (zero if stale counters make it negative).
+    pub in_use_objects: u64,
+    /// The sampling rate in bytes (0 = off).
+    pub sample_rate: u64,
+    /// Samples taken since start.
+    pub samples: u64,
+    /// Sampled objects not yet freed.
+    pub live_samples: u64,
+    /// Distinct stacks stored in the table.
+    pub unique_stacks: u64,
+    /// The cap on distinct stacks.
+    pub max_stacks: u64,
+    /// Samples whose stack did not fit under the cap (kept in the overflow entry).
+    pub dropped_samples: u64,
+    /// Samples whose free could not be tracked because the live set was full.
+    pub untracked_samples: u64,
+    /// Bytes the profiler itself holds: stack table, symbol cache and the touched part
+    /// of the live set (an upper bound for it).
+    pub profiler_bytes: u64,
+    /// Addresses in the symbol cache.
+    pub symbol_cache_entries: u64,
+}
+
+impl Stats {
+    /// Per-thread unflushed bytes at most, in each direction (see the type's docs).
+    pub const FLUSH_BYTES: u64 = FLUSH_BYTES as u64;
+
+    /// `(name, value)` pairs in a stable order, for text and JSON output.
+    pub fn fields(&self) -> [(&'static str, u64); 15] {
+        [
+            ("allocated_bytes", self.allocated_bytes),
+            ("allocations", self.allocations),
+            ("freed_bytes", self.freed_bytes),
+            ("frees", self.frees),
+            ("in_use_bytes", self.in_use_bytes),
+            ("in_use_objects", self.in_use_objects),
+            ("sample_rate", self.sample_rate),
+            ("samples", self.samples),
+            ("live_samples", self.live_samples),
+            ("unique_stacks", self.unique_stacks),
+            ("max_stacks", self.max_stacks),
+            ("dropped_samples", self.dropped_samples),
+            ("untracked_samples", self.untracked_samples),
+            ("profiler_bytes", self.profiler_bytes),
+            ("symbol_cache_entries", self.symbol_cache_entries),
+        ]
+    }
+}
+
+/// Reads the exact totals and the profiler's own figures. Cheap: a few atomic loads and
+/// one short lock of the symbol cache. See [`Stats`] for how fresh the totals are.
+pub fn stats() -> Stats {
+    crate::thread::flush_current();
+    let allocated_bytes = TOTALS.alloc_bytes.load(Ordering::Relaxed);
+    let allocations = TOTALS.alloc_count.load(Ordering::Relaxed);
+    let freed_bytes = TOTALS.free_bytes.load(Ordering::Relaxed);
+    let frees = TOTALS.free_count.load(Ordering::Relaxed);
+    let (symbols, symbol_bytes) = symbolize::cache_size();
+    let live_samples = live::live_count() as u64;
+    // The live set's static pages are touched only as samples land in them: each
+    // sample ever taken touched at most two pages (slot and metadata).
+    let samples = TABLE.samples();
+    let live_bytes = (samples as usize).saturating_mul(2 * 4096).min(live::BYTES);
+    Stats {
+        allocated_bytes,
+        allocations,
+        freed_bytes,
+        frees,
+        in_use_bytes: allocated_bytes.saturating_sub(freed_bytes),
+        in_use_objects: allocations.saturating_sub(frees),
+        sample_rate: config::sample_rate() as u64,
+        samples,
+        live_samples,
+        unique_stacks: TABLE.unique_stacks() as u64,
+        max_stacks: config::max_stacks() as u64,
+        dropped_samples: TABLE.dropped_samples(),
+        untracked_samples: live::untracked(),
+        profiler_bytes: (TABLE.bytes() + symbol_bytes + live_bytes) as u64,
+        symbol_cache_entries: symbols as u64,
+    }
+}

@@ -1,0 +1,123 @@
+//! In-process symbolization, once per unique address, cached.
+//!
+//! Symbolization runs only at export time. Each lookup address is resolved once through
+//! the `backtrace` crate (gimli/addr2line over the binary's DWARF); the result — one
+//! [`SymbolFrame`] per inlined function, innermost first — is kept in a process-wide
+//! cache. The cache lock is never held while resolving: missing addresses are collected
+//! under the lock, resolved outside it, and inserted under it again. The work runs with
+//! the reentrancy mark set, so the symbolizer's own (large) allocations are never sampled
+//! into the user's profile; they still count in the exact totals.
+
+use crate::guard::ReentrancyGuard;
+use crate::lock::{ForkLock, Mutex};
+use crate::stack::LookupAddress;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One function at an address: the address's own function, or one inlined into it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolFrame {
+    /// Demangled name without the trailing hash (`alloc::vec::Vec<T>::push`).
+    pub name: String,
+    /// The symbol as in the binary (mangled), or the demangled name when unknown.
+    pub system_name: String,
+    /// Source file, empty when unknown.
+    pub file: String,
+    /// Source line, 0 when unknown.
+    pub line: u32,
+    /// Start address of the enclosing symbol, when known (used for `+0xOFF` in text).
+    pub symbol_address: Option<usize>,
+}
+
+/// The functions at one address, innermost (inlined callee) first; empty if unresolved.
+pub type Symbols = Arc<[SymbolFrame]>;
+
+static CACHE: Mutex<Option<HashMap<usize, Symbols>>> = Mutex::new(None);
+/// Held around every call into the `backtrace` symbolizer, whose own global lock we
+/// cannot reach from a fork handler; holding ours across `fork` keeps the child from
+/// inheriting theirs locked. Lock order: SYMBOLIZER, then CACHE.
+static SYMBOLIZER: Mutex<()> = Mutex::new(());
+
+/// The symbolizer's locks in their lock order, for `fork.rs`.
+pub(crate) fn fork_locks() -> [&'static dyn ForkLock; 2] {
+    [&SYMBOLIZER, &CACHE]
+}
+
+/// Resolves every address (cached), returning symbols in the same order.
+pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
+    let _mark = ReentrancyGuard::enter();
+    let missing: Vec<usize> = {
+        let cache = CACHE.lock();
+        let cache = cache.as_ref();
+        let mut m: Vec<usize> = addrs
+            .iter()
+            .map(|a| a.0)
+            .filter(|a| !cache.is_some_and(|c| c.contains_key(a)))
+            .collect();
+        m.sort_unstable();
+        m.dedup();
+        m
+    };
+    let resolved: Vec<(usize, Symbols)> = if missing.is_empty() {
+        Vec::new()
+    } else {
+        let _symbolizer = SYMBOLIZER.lock();
+        missing.into_iter().map(|a| (a, resolve(a))).collect()
+    };
+    let mut cache = CACHE.lock();
+    let cache = cache.get_or_insert_with(HashMap::new);
+    cache.extend(resolved);
+    addrs
+        .iter()
+        .map(|a| {
+            cache
+                .get(&a.0)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(Vec::new()))
+        })
+        .collect()
+}
+
+/// Number of cached addresses and an estimate of the cache's bytes.
+pub(crate) fn cache_size() -> (usize, usize) {
+    let cache = CACHE.lock();
+    let Some(cache) = cache.as_ref() else {
+        return (0, 0);
+    };
+    let bytes = cache
+        .values()
+        .flat_map(|s| s.iter())
+        .map(|f| {
+            std::mem::size_of::<SymbolFrame>() + f.name.len() + f.system_name.len() + f.file.len()
+        })
+        .sum::<usize>()
+        + cache.capacity() * (std::mem::size_of::<(usize, Symbols)>() + 1);
+    (cache.len(), bytes)
+}
+
+fn resolve(addr: usize) -> Symbols {
+    let mut frames = Vec::new();
+    // `resolve` takes the address as is: callers pass lookup addresses (return − 1).
+    backtrace::resolve(addr as *mut std::ffi::c_void, |sym| {
+        let (name, system_name) = match sym.name() {
+            Some(n) => {
+                let demangled = format!("{n:#}");
+                let raw = String::from_utf8_lossy(n.as_bytes()).into_owned();
+                (demangled, raw)
+            }
+            None => (String::new(), String::new()),
+        };
+        frames.push(SymbolFrame {
+            name,
+            system_name,
+            file: sym
+                .filename()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            line: sym.lineno().unwrap_or(0),
+            symbol_address: sym.addr().map(|a| a as usize),
+        });
+    });
+    frames.retain(|f| !f.name.is_empty());
+    Arc::from(frames)
+}

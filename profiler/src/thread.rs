@@ -1,0 +1,294 @@
+//! Per-thread state: the sampling countdown, the unflushed exact totals and the
+//! reentrancy mark, all in one `const`-initialised thread-local without `Drop`.
+//!
+//! # The fast path
+//!
+//! An allocation of `size` bytes does `alloc_left -= size; alloc_count += 1` and branches on
+//! `alloc_left <= 0`; a free does the same with `free_left` / `free_count`. Nothing else: no
+//! atomic read-modify-write, no lock, no call that could allocate. Because the thread-local
+//! is `const`-initialised and has no destructor, accessing it compiles to a plain
+//! TLS-relative load and store with no lazy-initialisation check.
+//!
+//! # Slow events
+//!
+//! `alloc_left` is armed with `min(distance to the next sample point, FLUSH_BYTES)`. When
+//! it runs out, [`alloc_event`] flushes the bytes and counts consumed since arming into the
+//! process-wide totals (one atomic add each), decides whether the allocation that crossed
+//! zero is sampled, and re-arms. So the exact totals are at most `FLUSH_BYTES` of
+//! allocation (and as much of freeing) behind per running thread; that is the staleness
+//! bound documented on [`crate::Stats`]. A thread that exits flushes what it holds from a
+//! separate thread-local destructor registered on its first slow event.
+
+use crate::config;
+use crate::sampler::{self, Rng};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Largest amount of allocation (and, separately, of freeing) a thread keeps unflushed.
+pub(crate) const FLUSH_BYTES: isize = 64 * 1024;
+
+/// Distance meaning "no sample will ever be taken" (rate 0).
+const NEVER: isize = isize::MAX / 4;
+
+const PHASE_NEW: u8 = 0;
+const PHASE_RUNNING: u8 = 1;
+const PHASE_EXITING: u8 = 2;
+
+pub(crate) struct ThreadState {
+    /// Bytes of allocation left before the next slow event.
+    alloc_left: Cell<isize>,
+    /// The value `alloc_left` was last armed with (or reset to by a partial flush).
+    alloc_armed: Cell<isize>,
+    /// Distance from the arming point to the next sample point, in bytes.
+    sample_left: Cell<isize>,
+    /// Allocations since the last flush.
+    alloc_count: Cell<u64>,
+    /// Bytes of freeing left before the next free-side flush.
+    free_left: Cell<isize>,
+    free_armed: Cell<isize>,
+    free_count: Cell<u64>,
+    /// The rate epoch `sample_left` was drawn under.
+    epoch: Cell<u64>,
+    rng: Cell<u64>,
+    busy: Cell<bool>,
+    phase: Cell<u8>,
+}
+
+thread_local! {
+    static STATE: ThreadState = const {
+        ThreadState {
+            alloc_left: Cell::new(0),
+            alloc_armed: Cell::new(0),
+            sample_left: Cell::new(0),
+            alloc_count: Cell::new(0),
+            free_left: Cell::new(0),
+            free_armed: Cell::new(0),
+            free_count: Cell::new(0),
+            epoch: Cell::new(u64::MAX),
+            rng: Cell::new(0),
+            busy: Cell::new(false),
+            phase: Cell::new(PHASE_NEW),
+        }
+    };
+}
+
+/// Flushes the exiting thread's counters. Registered lazily (on the thread's first slow
+/// event, with the reentrancy mark set), never touched on the fast path.
+struct ExitFlush;
+
+impl Drop for ExitFlush {
+    fn drop(&mut self) {
+        STATE.with(|s| {
+            s.phase.set(PHASE_EXITING);
+            flush_partial(s);
+            // From now on every allocation and free of this thread flushes at once.
+            s.alloc_left.set(0);
+            s.alloc_armed.set(0);
+            s.free_left.set(0);
+            s.free_armed.set(0);
+        });
+    }
+}
+
+thread_local! {
+    static EXIT_FLUSH: ExitFlush = const { ExitFlush };
+}
+
+/// Process-wide exact totals, flushed into by slow events.
+pub(crate) struct Totals {
+    pub(crate) alloc_bytes: AtomicU64,
+    pub(crate) alloc_count: AtomicU64,
+    pub(crate) free_bytes: AtomicU64,
+    pub(crate) free_count: AtomicU64,
+}
+
+pub(crate) static TOTALS: Totals = Totals {
+    alloc_bytes: AtomicU64::new(0),
+    alloc_count: AtomicU64::new(0),
+    free_bytes: AtomicU64::new(0),
+    free_count: AtomicU64::new(0),
+};
+
+/// Fast path of an allocation. Returns `true` when the slow path must run.
+#[inline(always)]
+pub(crate) fn on_alloc(size: usize) -> bool {
+    STATE.with(|s| {
+        let left = s.alloc_left.get().wrapping_sub(size as isize);
+        s.alloc_left.set(left);
+        s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
+        left <= 0
+    })
+}
+
+/// Fast path of a free. Returns `true` when the free-side flush must run.
+#[inline(always)]
+pub(crate) fn on_free(size: usize) -> bool {
+    STATE.with(|s| {
+        let left = s.free_left.get().wrapping_sub(size as isize);
+        s.free_left.set(left);
+        s.free_count.set(s.free_count.get().wrapping_add(1));
+        left <= 0
+    })
+}
+
+/// Marks or unmarks the thread; returns the previous mark.
+#[inline]
+pub(crate) fn set_busy(busy: bool) -> bool {
+    STATE.with(|s| s.busy.replace(busy))
+}
+
+/// The slow event of the allocation side, for the allocation of `size` bytes that made
+/// `alloc_left` reach zero. Flushes, decides and re-arms.
+///
+/// Returns the rate to sample this allocation at, or `None` if it is not sampled (no
+/// sample point inside it, sampling off, or the thread is marked busy).
+///
+/// Must not allocate except with the reentrancy mark set.
+#[cold]
+pub(crate) fn alloc_event(size: usize) -> Option<usize> {
+    config::ensure_env();
+    STATE.with(|s| {
+        if s.phase.get() == PHASE_NEW {
+            start_thread(s);
+        }
+        let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
+        flush_alloc(s, consumed);
+
+        let (rate, epoch) = config::rate_and_epoch();
+        let mut rng = Rng(s.rng.get());
+        let sampled = if s.epoch.get() != epoch {
+            // New thread or new rate: draw afresh. The exponential is memoryless, so a
+            // fresh draw measured from this allocation's first byte is the same process.
+            s.epoch.set(epoch);
+            let d = draw(&mut rng, rate);
+            let sampled = d <= size as isize;
+            s.sample_left.set(if sampled {
+                draw(&mut rng, rate)
+            } else {
+                d - size as isize
+            });
+            sampled
+        } else {
+            // The sample point was not reached before this allocation (else an earlier
+            // allocation would have triggered the event), so it lies in this one iff the
+            // bytes consumed since arming reach it.
+            let left = s.sample_left.get().saturating_sub(consumed);
+            let sampled = left <= 0;
+            // Each sample starts a fresh draw; the overshoot is not carried (as Go).
+            s.sample_left
+                .set(if sampled { draw(&mut rng, rate) } else { left });
+            sampled
+        };
+        s.rng.set(rng.0);
+        arm_alloc(s);
+        (sampled && rate > 0 && !s.busy.get()).then_some(rate)
+    })
+}
+
+/// Draws the distance to the next sample point for `rate`, in whole bytes.
+fn draw(rng: &mut Rng, rate: usize) -> isize {
+    match rate {
+        0 => NEVER,
+        1 => 0,
+        r => sampler::next_sample_distance(rng, r).min(NEVER as u64) as isize,
+    }
+}
+
+fn arm_alloc(s: &ThreadState) {
+    let armed = if s.phase.get() == PHASE_EXITING {
+        0
+    } else {
+        s.sample_left.get().clamp(0, FLUSH_BYTES)
+    };
+    s.alloc_armed.set(armed);
+    s.alloc_left.set(armed);
+}
+
+fn flush_alloc(s: &ThreadState, consumed: isize) {
+    if consumed > 0 {
+        TOTALS
+            .alloc_bytes
+            .fetch_add(consumed as u64, Ordering::Relaxed);
+    }
+    let count = s.alloc_count.replace(0);
+    if count > 0 {
+        TOTALS.alloc_count.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+/// The free-side flush: publishes the freed bytes and count and re-arms.
+#[cold]
+pub(crate) fn free_event() {
+    STATE.with(|s| {
+        flush_free(s);
+        let armed = if s.phase.get() == PHASE_EXITING {
+            0
+        } else {
+            FLUSH_BYTES
+        };
+        s.free_armed.set(armed);
+        s.free_left.set(armed);
+    })
+}
+
+fn flush_free(s: &ThreadState) {
+    let consumed = s.free_armed.get().wrapping_sub(s.free_left.get());
+    s.free_armed.set(s.free_left.get());
+    if consumed > 0 {
+        TOTALS
+            .free_bytes
+            .fetch_add(consumed as u64, Ordering::Relaxed);
+    }
+    let count = s.free_count.replace(0);
+    if count > 0 {
+        TOTALS.free_count.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+/// Publishes everything this thread holds without taking a slow event's decisions: used by
+/// [`crate::stats`] (so a thread sees its own allocations) and at thread exit.
+fn flush_partial(s: &ThreadState) {
+    let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
+    if consumed > 0 {
+        s.alloc_armed.set(s.alloc_left.get());
+        s.sample_left
+            .set(s.sample_left.get().saturating_sub(consumed));
+        flush_alloc(s, consumed);
+    } else {
+        flush_alloc(s, 0);
+    }
+    flush_free(s);
+}
+
+/// Flushes the calling thread's unflushed totals.
+pub(crate) fn flush_current() {
+    STATE.with(flush_partial);
+}
+
+/// Called by `set_sample_rate` so that the calling thread uses the new rate from its very
+/// next allocation: a slow event is forced, which sees the new epoch.
+pub(crate) fn rate_changed_here() {
+    STATE.with(|s| {
+        flush_partial(s);
+        s.alloc_armed.set(0);
+        s.alloc_left.set(0);
+    });
+}
+
+/// First slow event of a thread: seed its generator, register the exit flush.
+fn start_thread(s: &ThreadState) {
+    s.phase.set(PHASE_RUNNING);
+    s.rng.set(sampler::seed(s as *const ThreadState as usize));
+    if s.busy.replace(true) {
+        // Nested inside profiler work: register on a later event.
+        s.phase.set(PHASE_NEW);
+        return;
+    }
+    // Registering a thread-local destructor may allocate; the mark above routes that
+    // allocation past the sampler. `try_with` fails only if the thread is already running
+    // its thread-local destructors, in which case it flushes on every event from now on.
+    if EXIT_FLUSH.try_with(|_| ()).is_err() {
+        s.phase.set(PHASE_EXITING);
+    }
+    s.busy.set(false);
+}
