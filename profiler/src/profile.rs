@@ -5,6 +5,7 @@
 //! everything deterministically. Encoders ([`crate::pprof`], [`crate::text`]) and
 //! renderers (folded stacks for flame graphs) read this model; it knows no wire format.
 
+use crate::guard::ReentrancyGuard;
 use crate::maps::{executable_mappings, MappingInfo};
 use crate::snapshot::Snapshot;
 use crate::stack::{LookupAddress, ReturnAddress};
@@ -240,6 +241,7 @@ pub fn is_internal_function(name: &str) -> bool {
 impl Snapshot {
     /// Symbolizes and builds the profile. Allocates; takes no table lock.
     pub fn to_profile(&self) -> Profile {
+        let _mark = ReentrancyGuard::enter();
         let mut addrs: Vec<ReturnAddress> =
             self.stacks().flat_map(|(s, _)| s.iter().copied()).collect();
         addrs.sort_unstable();
@@ -408,6 +410,7 @@ impl Profile {
     /// Folded stacks (`root;…;leaf value`, inline frames expanded) for one sample type,
     /// skipping zero values; the input of flame-graph renderers.
     pub fn folded(&self, t: SampleType) -> Vec<(String, i64)> {
+        let _mark = ReentrancyGuard::enter();
         let mut out: BTreeMap<String, i64> = BTreeMap::new();
         for s in &self.samples {
             let v = s.value(t);

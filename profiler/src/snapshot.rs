@@ -1,6 +1,7 @@
 //! [`Snapshot`]: a consistent copy of the stack table, unsymbolized, cheap to take and to
 //! subtract. The data model knows nothing about pprof.
 
+use crate::guard::ReentrancyGuard;
 use crate::stats::{stats, Stats};
 use crate::table::{Counters, RawRecord, RawSnapshot, TABLE};
 use crate::{config, stack::ReturnAddress};
@@ -19,6 +20,7 @@ pub struct Snapshot {
 /// Copies the stack table. The table is copied one shard at a time under that shard's
 /// lock; nothing is allocated while a lock is held and nothing is symbolized here.
 pub fn snapshot() -> Snapshot {
+    let _mark = ReentrancyGuard::enter();
     let mut raw = RawSnapshot::default();
     TABLE.snapshot_into(&mut raw);
     Snapshot {
@@ -69,6 +71,7 @@ impl Snapshot {
     /// can be negative; stacks whose counters did not change are dropped. `base` must be
     /// an earlier snapshot of this process.
     pub fn delta_since(&self, base: &Snapshot) -> Snapshot {
+        let _mark = ReentrancyGuard::enter();
         let before: HashMap<&[ReturnAddress], &Counters> = base.stacks().collect();
         let mut raw = RawSnapshot::default();
         for (stack, counters) in self.stacks() {

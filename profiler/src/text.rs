@@ -4,12 +4,18 @@
 //! `heap/2R` header (per record, from the record's average object size). Records whose
 //! samples had mixed sizes are therefore estimated slightly differently from the
 //! protobuf profile, whose estimates are weighted per sample (see [`crate::sampler`]).
+//!
+//! After the records come the exact totals as `# Name = value` lines (pprof ignores `#`
+//! lines) and a `MAPPED_LIBRARIES:` section with the executable mappings, which pprof
+//! reads to symbolize the addresses from the binaries on disk.
 
+use crate::guard::ReentrancyGuard;
 use crate::profile::Profile;
 use std::fmt::Write;
 
 /// Renders `profile` in the legacy text format, with the exact totals as `#` lines.
 pub fn legacy_text(profile: &Profile) -> String {
+    let _mark = ReentrancyGuard::enter();
     let mut out = String::new();
     let mut total = [0i64; 4];
     for s in &profile.samples {
@@ -57,6 +63,16 @@ pub fn legacy_text(profile: &Profile) -> String {
     out.push_str("\n# allocprof.Stats\n");
     for (name, value) in profile.stats.fields() {
         let _ = writeln!(out, "# {} = {value}", go_name(name));
+    }
+    // The executable mappings, in /proc/self/maps form after pprof's memory-map sentinel,
+    // so that `go tool pprof` can symbolize the addresses from the binaries on disk.
+    out.push_str("\nMAPPED_LIBRARIES:\n");
+    for m in &profile.mappings {
+        let _ = writeln!(
+            out,
+            "{:x}-{:x} r-xp {:08x} 00:00 0 {}",
+            m.info.start, m.info.limit, m.info.offset, m.info.path
+        );
     }
     out
 }

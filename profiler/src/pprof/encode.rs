@@ -2,6 +2,7 @@
 //! profile: four sample types, `space`/`bytes` period, a `bytes` label, ids 1..N.
 
 use super::proto;
+use crate::guard::ReentrancyGuard;
 use crate::profile::{Profile, ProfileKind, SampleType};
 use std::collections::HashMap;
 use std::io::Write;
@@ -9,6 +10,7 @@ use std::time::UNIX_EPOCH;
 
 /// Encodes and gzips `profile` as the `kind` profile.
 pub fn encode(profile: &Profile, kind: ProfileKind) -> Vec<u8> {
+    let _mark = ReentrancyGuard::enter();
     let raw = encode_uncompressed(profile, kind);
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 4 + 64),
@@ -21,6 +23,7 @@ pub fn encode(profile: &Profile, kind: ProfileKind) -> Vec<u8> {
 
 /// Encodes `profile` as the `kind` profile, without gzip.
 pub fn encode_uncompressed(profile: &Profile, kind: ProfileKind) -> Vec<u8> {
+    let _mark = ReentrancyGuard::enter();
     prost::Message::encode_to_vec(&to_proto(profile, kind))
 }
 
