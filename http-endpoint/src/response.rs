@@ -1,0 +1,63 @@
+//! Building responses with the headers Go's `net/http/pprof` sets.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_DISPOSITION, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+/// The body type of every response.
+pub type Body = Full<Bytes>;
+
+pub(crate) const TEXT: &str = "text/plain; charset=utf-8";
+pub(crate) const OCTET_STREAM: &str = "application/octet-stream";
+pub(crate) const HTML: &str = "text/html; charset=utf-8";
+pub(crate) const SVG: &str = "image/svg+xml";
+pub(crate) const JSON: &str = "application/json";
+
+/// A response with `X-Content-Type-Options: nosniff` (set on every response, as Go's
+/// handlers do) and the given status, content type and body.
+pub(crate) fn with(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// 200 with a body.
+pub(crate) fn ok(content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    with(StatusCode::OK, content_type, body)
+}
+
+/// A binary profile: `application/octet-stream`, downloaded as `filename`.
+pub(crate) fn attachment(filename: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = ok(OCTET_STREAM, body);
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        r.headers_mut().insert(CONTENT_DISPOSITION, v);
+    }
+    r
+}
+
+/// Go's `serveError`: plain text `message\n`, `X-Go-Pprof: 1`, no disposition.
+pub(crate) fn go_error(status: StatusCode, message: &str) -> Response<Body> {
+    let mut r = with(status, TEXT, format!("{message}\n"));
+    r.headers_mut()
+        .insert("x-go-pprof", HeaderValue::from_static("1"));
+    r
+}
+
+/// A plain-text error outside the pprof handlers (404 page, 405, 401, 413): Go's
+/// `http.Error` shape, without `X-Go-Pprof`.
+pub(crate) fn http_error(status: StatusCode, message: &str) -> Response<Body> {
+    with(status, TEXT, format!("{message}\n"))
+}
