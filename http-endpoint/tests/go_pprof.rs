@@ -1,0 +1,135 @@
+//! The real client: `go tool pprof` against a live endpoint, over HTTP, for the heap and
+//! allocs profiles, a `-seconds` delta, the `debug=1` text, and remote symbolization
+//! through `/debug/pprof/symbol`.
+
+mod common;
+
+use allocprof_http::{Config, Server};
+use common::{go_pprof, have_go, workload};
+use std::alloc::System;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+#[global_allocator]
+static A: allocprof_core::Profiler<System> = allocprof_core::Profiler::new(System);
+
+/// Tests here read the same process-wide profile; they take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn base_url() -> String {
+    static SERVER: OnceLock<(Server, Vec<Vec<u8>>)> = OnceLock::new();
+    let (server, _) = SERVER.get_or_init(|| {
+        let kept = workload();
+        let server = Config::new().addr("127.0.0.1:0").serve().expect("serve");
+        (server, kept)
+    });
+    format!("http://{}/debug/pprof", server.local_addr())
+}
+
+#[test]
+fn top_of_heap_and_allocs_over_http() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !have_go() {
+        return;
+    }
+    let url = base_url();
+    let (top, _) = go_pprof(&["-top", &format!("{url}/heap")]);
+    println!("go tool pprof -top {url}/heap\n{top}");
+    assert!(top.contains("Type: inuse_space"), "{top}");
+    assert!(
+        top.contains("common::endpoint_test_retained_blocks"),
+        "{top}"
+    );
+    assert!(
+        !top.contains("endpoint_test_churn_strings"),
+        "freed memory is not in use:\n{top}"
+    );
+
+    let (top, _) = go_pprof(&["-top", &format!("{url}/allocs")]);
+    println!("go tool pprof -top {url}/allocs\n{top}");
+    assert!(top.contains("Type: alloc_space"), "{top}");
+    assert!(top.contains("common::endpoint_test_churn_strings"), "{top}");
+    assert!(
+        top.contains("common::endpoint_test_retained_blocks"),
+        "{top}"
+    );
+
+    let (top, _) = go_pprof(&[
+        "-top",
+        "-sample_index=alloc_objects",
+        &format!("{url}/allocs"),
+    ]);
+    assert!(top.contains("Type: alloc_objects"), "{top}");
+    assert!(top.contains("common::endpoint_test_churn_strings"), "{top}");
+}
+
+/// Allocates in a loop until told to stop: what a delta over the window must show.
+#[inline(never)]
+fn endpoint_test_allocating_during_delta(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        for i in 0..1000 {
+            black_box(vec![i as u8; 1024]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn seconds_gives_a_delta() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !have_go() {
+        return;
+    }
+    let url = base_url();
+    let stop = AtomicBool::new(false);
+    let (top, stderr) = std::thread::scope(|s| {
+        s.spawn(|| endpoint_test_allocating_during_delta(&stop));
+        let out = go_pprof(&[
+            "-seconds",
+            "2",
+            "-top",
+            "-sample_index=alloc_space",
+            &format!("{url}/allocs"),
+        ]);
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    println!("go tool pprof -seconds 2 -top -sample_index=alloc_space {url}/allocs\n{stderr}{top}");
+    // pprof says it is fetching for 2 seconds; the profile covers them.
+    assert!(
+        stderr.contains("Fetching profile over HTTP from") && stderr.contains("seconds=2"),
+        "{stderr}"
+    );
+    assert!(
+        top.contains("Duration: 2"),
+        "duration_nanos is set on a delta:\n{top}"
+    );
+    assert!(
+        top.contains("endpoint_test_allocating_during_delta"),
+        "{top}"
+    );
+    // The workload ran before the window: it is not in the delta.
+    assert!(!top.contains("endpoint_test_churn_strings"), "{top}");
+    assert!(!top.contains("endpoint_test_retained_blocks"), "{top}");
+}
+
+#[test]
+fn legacy_text_over_http() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !have_go() {
+        return;
+    }
+    let url = base_url();
+    // pprof parses the text (records and memory map). Asked to symbolize remotely, it
+    // posts the addresses to /debug/pprof/symbol and names them from our answers.
+    let target = format!("{url}/heap?debug=1");
+    let (top, stderr) = go_pprof(&["-symbolize=remote", "-top", &target]);
+    println!("go tool pprof -symbolize=remote -top {target}\n{stderr}{top}");
+    assert!(top.contains("Type: inuse_space"), "{top}");
+    assert!(top.contains("endpoint_test_retained_blocks"), "{top}");
+
+    let (raw, _) = go_pprof(&["-raw", "-symbolize=none", &target]);
+    assert!(raw.contains("PeriodType: space bytes"), "{raw}");
+    assert!(raw.contains("Period: 4096"), "{raw}");
+}
