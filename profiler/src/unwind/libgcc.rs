@@ -12,9 +12,11 @@ pub(super) fn capture(buf: &mut StackBuf, marker: usize) {
     // because the synchronized one takes a global lock and may allocate.
     unsafe {
         backtrace::trace_unsynchronized(|frame| {
+            // `sp()` is `_Unwind_GetCFA`, which inside `_Unwind_Backtrace` still holds the
+            // CFA of the frame's callee, i.e. this frame's own stack pointer. At or below
+            // the marker: the sampling entry point itself or one of its callees.
             let sp = frame.sp() as usize;
             if sp != 0 && sp <= marker {
-                // A callee of the sampling entry point: the capture machinery itself.
                 return true;
             }
             let ip = frame.ip() as usize;

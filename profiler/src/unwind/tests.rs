@@ -1,0 +1,277 @@
+//! The unwinders against the `backtrace` baseline, the frame-pointer walk against bad
+//! chains, and the proof that a warm capture does not allocate.
+//!
+//! The frame-pointer comparison needs a build with frame pointers:
+//!
+//! ```text
+//! RUSTFLAGS="-C force-frame-pointers=yes" cargo test -p allocprof-core unwind
+//! ```
+//!
+//! Without them it prints a notice and checks only `dwarf` against `libgcc`.
+
+use super::{capture_with, compiled_with_frame_pointers, Unwinder};
+use crate::stack::StackBuf;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Counts allocations made by threads that turned counting on; otherwise `System`.
+///
+/// This is the global allocator of allocprof-core's unit-test binary. Counting is off
+/// unless a test turns it on for its own thread, so other tests are unaffected.
+struct Counting;
+
+static COUNTED: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static COUNT_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+fn note_alloc() {
+    if COUNT_HERE.try_with(Cell::get).unwrap_or(false) {
+        COUNTED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: forwards every call to `System` unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note_alloc();
+        // SAFETY: forwarded; the caller upholds the contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note_alloc();
+        // SAFETY: forwarded; the caller upholds the contract.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note_alloc();
+        // SAFETY: forwarded; the caller upholds the contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded; the caller upholds the contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+type Stacks = Vec<(Unwinder, Unwinder, Vec<usize>)>;
+
+/// Stands in for the sampling entry point: owns the marker and captures with every
+/// unwinder from one call site (so the leaf return address is the same for all).
+#[inline(never)]
+fn entry(unwinders: &[Unwinder]) -> Stacks {
+    let marker = 0u8;
+    let marker = black_box(std::ptr::addr_of!(marker) as usize);
+    let mut out = Vec::new();
+    for &u in unwinders {
+        let mut buf = StackBuf::new();
+        let used = black_box(capture_with(black_box(u), &mut buf, marker));
+        out.push((u, used, buf.as_slice().to_vec()));
+    }
+    out
+}
+
+/// Recurses `depth` frames (not inlined, not a tail call) before capturing.
+#[inline(never)]
+fn recurse(depth: usize, unwinders: &[Unwinder]) -> Stacks {
+    let r = if depth == 0 {
+        entry(unwinders)
+    } else {
+        recurse(black_box(depth - 1), unwinders)
+    };
+    black_box(r)
+}
+
+fn available() -> Vec<Unwinder> {
+    [Unwinder::FramePointer, Unwinder::Dwarf, Unwinder::Libgcc]
+        .into_iter()
+        .filter(|u| u.available())
+        .collect()
+}
+
+/// Checks every unwinder's stack against `libgcc`'s, at several depths, on this thread.
+fn compare_here() {
+    let fp_ok = compiled_with_frame_pointers();
+    if !fp_ok && Unwinder::FramePointer.available() {
+        eprintln!(
+            "notice: built without frame pointers; skipping the fp-vs-backtrace comparison \
+             (run with RUSTFLAGS=\"-C force-frame-pointers=yes\")"
+        );
+    }
+    let unwinders = available();
+    for depth in [0, 1, 10, 40, 150] {
+        // Twice: the second run exercises warm caches.
+        for _ in 0..2 {
+            let stacks = recurse(depth, &unwinders);
+            let base = &stacks.iter().find(|s| s.0 == Unwinder::Libgcc).unwrap().2;
+            assert!(
+                base.len() >= (depth + 2).min(crate::stack::MAX_DEPTH),
+                "depth {depth}: baseline has only {} frames",
+                base.len()
+            );
+            for (asked, used, stack) in &stacks {
+                if *asked == Unwinder::Libgcc || (*asked == Unwinder::FramePointer && !fp_ok) {
+                    continue;
+                }
+                assert_eq!(used, asked, "{asked:?} fell back at depth {depth}");
+                assert_eq!(
+                    stack, base,
+                    "{asked:?} differs from the backtrace baseline at depth {depth}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unwinders_match_backtrace_on_this_thread() {
+    compare_here();
+}
+
+#[test]
+fn unwinders_match_backtrace_on_a_spawned_thread() {
+    std::thread::spawn(compare_here).join().unwrap();
+}
+
+#[test]
+fn the_leaf_frame_is_the_entry_points_caller() {
+    // The first frame kept is the return address into the caller of `entry` (the marker's
+    // function): symbolized, it must name `recurse`, not the capture machinery.
+    for (asked, _, stack) in recurse(3, &available()) {
+        if asked == Unwinder::FramePointer && !compiled_with_frame_pointers() {
+            continue;
+        }
+        let leaf = crate::stack::ReturnAddress(stack[0]).lookup();
+        let frames = crate::symbolize::symbolize(&[leaf]);
+        let names: Vec<&str> = frames[0].iter().map(|f| f.name.as_str()).collect();
+        assert!(
+            names.iter().any(|n| n.ends_with("unwind::tests::recurse")),
+            "{asked:?}: leaf is {names:?}"
+        );
+    }
+}
+
+#[test]
+fn warm_capture_does_not_allocate() {
+    let unwinders: Vec<Unwinder> = available()
+        .into_iter()
+        .filter(|&u| u != Unwinder::Libgcc)
+        .filter(|&u| u != Unwinder::FramePointer || compiled_with_frame_pointers())
+        .collect();
+    // Warm up: the module list and this thread's stack bounds and rule cache.
+    black_box(recurse(20, &unwinders));
+    let marker = 0u8;
+    let marker = std::ptr::addr_of!(marker) as usize;
+    let mut bufs: Vec<StackBuf> = (0..100).map(|_| StackBuf::new()).collect();
+    let before = COUNTED.load(Ordering::Relaxed);
+    COUNT_HERE.set(true);
+    let mut used = Vec::with_capacity(0);
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        let u = unwinders[i % unwinders.len()];
+        let got = capture_with(u, buf, marker);
+        if got != u {
+            used.push(got); // never taken when the capture worked (no allocation then)
+        }
+    }
+    COUNT_HERE.set(false);
+    let after = COUNTED.load(Ordering::Relaxed);
+    assert!(used.is_empty(), "fell back: {used:?}");
+    assert_eq!(after - before, 0, "captures with {unwinders:?} allocated");
+    // The captures did real work: every stack holds this test's frames.
+    assert!(bufs.iter().all(|b| b.as_slice().len() >= 3));
+}
+
+#[test]
+fn the_counting_allocator_counts() {
+    // The no-allocation test above can fail: a Box made while counting is seen.
+    let before = COUNTED.load(Ordering::Relaxed);
+    COUNT_HERE.set(true);
+    let b = black_box(Box::new(7u64));
+    COUNT_HERE.set(false);
+    drop(b);
+    assert_eq!(COUNTED.load(Ordering::Relaxed) - before, 1);
+}
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod bad_chains {
+    use super::super::bounds::StackBounds;
+    use super::super::fp::{walk, End};
+    use crate::stack::StackBuf;
+
+    const W: usize = std::mem::size_of::<usize>();
+
+    /// Walks a hand-built chain in `frames` (on this stack) starting at word `start`.
+    fn walk_fake(frames: &mut [usize], start: usize) -> Vec<usize> {
+        let base = frames.as_ptr() as usize;
+        let bounds = StackBounds {
+            lo: base,
+            hi: base + frames.len() * W,
+        };
+        let mut buf = StackBuf::new();
+        let end = walk(&mut buf, 0, &bounds, base + start * W, |_| true);
+        assert!(matches!(end, Some(End::Done)));
+        buf.as_slice().to_vec()
+    }
+
+    #[test]
+    fn a_good_chain_is_followed_to_its_null_end() {
+        let mut f = [0usize; 8];
+        let base = f.as_ptr() as usize;
+        f[0] = base + 2 * W; // record 0 -> record at word 2
+        f[1] = 0x1000;
+        f[2] = base + 6 * W; // -> word 6
+        f[3] = 0x2000;
+        f[6] = 0; // end of chain
+        f[7] = 0x3000;
+        assert_eq!(walk_fake(&mut f, 0), [0x1000, 0x2000, 0x3000]);
+    }
+
+    #[test]
+    fn a_chain_that_goes_down_stops() {
+        let mut f = [0usize; 8];
+        let base = f.as_ptr() as usize;
+        f[2] = base + 4 * W;
+        f[3] = 0x1000;
+        f[4] = base + 2 * W; // points back down: a loop
+        f[5] = 0x2000;
+        assert_eq!(walk_fake(&mut f, 2), [0x1000, 0x2000]);
+    }
+
+    #[test]
+    fn a_misaligned_or_outside_chain_stops() {
+        let mut f = [0usize; 8];
+        let base = f.as_ptr() as usize;
+        f[0] = base + 2 * W + 3; // misaligned
+        f[1] = 0x1000;
+        assert_eq!(walk_fake(&mut f, 0), [0x1000]);
+        f[0] = base + 64 * W; // beyond the stack's end
+        assert_eq!(walk_fake(&mut f, 0), [0x1000]);
+        f[0] = base + 7 * W; // a record that would straddle the end
+        assert_eq!(walk_fake(&mut f, 0), [0x1000]);
+        f[0] = usize::MAX - 7; // overflow
+        assert_eq!(walk_fake(&mut f, 0), [0x1000]);
+    }
+
+    #[test]
+    fn a_start_outside_the_stack_is_refused() {
+        let f = [0usize; 4];
+        let base = f.as_ptr() as usize;
+        let bounds = StackBounds {
+            lo: base,
+            hi: base + 4 * W,
+        };
+        let mut buf = StackBuf::new();
+        assert!(walk(&mut buf, 0, &bounds, base + 8 * W, |_| true).is_none());
+        assert!(walk(&mut buf, 0, &bounds, 0, |_| true).is_none());
+        assert!(buf.as_slice().is_empty());
+    }
+}
