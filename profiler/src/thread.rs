@@ -292,3 +292,46 @@ fn start_thread(s: &ThreadState) {
     }
     s.busy.set(false);
 }
+
+/// While alive, the calling thread's allocations and frees are left out of the exact
+/// totals and of the sampling countdown: used around the sampled path, whose only
+/// allocations are the stack table's own storage. That storage is reported as
+/// `Stats::profiler_bytes` instead, and it is only ever reallocated or freed inside
+/// another such region, so the totals stay consistent. Export work is *not* hidden: what
+/// it allocates may be freed by the caller later, so it must be counted both ways.
+///
+/// Costs nothing on the fast path: it saves the four fast-path cells, sets the countdowns
+/// out of reach (so no slow event fires inside), and restores them on drop.
+pub(crate) struct HiddenRegion {
+    alloc_left: isize,
+    alloc_count: u64,
+    free_left: isize,
+    free_count: u64,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl HiddenRegion {
+    pub(crate) fn begin() -> Self {
+        STATE.with(|s| {
+            let saved = HiddenRegion {
+                alloc_left: s.alloc_left.replace(NEVER),
+                alloc_count: s.alloc_count.get(),
+                free_left: s.free_left.replace(NEVER),
+                free_count: s.free_count.get(),
+                _not_send: std::marker::PhantomData,
+            };
+            saved
+        })
+    }
+}
+
+impl Drop for HiddenRegion {
+    fn drop(&mut self) {
+        STATE.with(|s| {
+            s.alloc_left.set(self.alloc_left);
+            s.alloc_count.set(self.alloc_count);
+            s.free_left.set(self.free_left);
+            s.free_count.set(self.free_count);
+        });
+    }
+}
