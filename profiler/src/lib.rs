@@ -33,6 +33,7 @@ pub mod symbolize;
 mod table;
 pub mod text;
 mod thread;
+pub mod trace;
 mod unwind;
 
 pub use alloc::Profiler;
