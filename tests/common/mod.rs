@@ -83,3 +83,79 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     std::fs::write(&path, bytes).expect("write temp file");
     path
 }
+
+/// `GET path` over a fresh HTTP/1.1 connection; returns (status, body). Panics on I/O
+/// errors; see [`try_http_get`].
+pub fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// `GET path` over a fresh HTTP/1.1 connection; returns (status, body).
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status code"))?;
+    let mut body = raw[end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&b[..eol])
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+/// Where cargo put this test's sibling example binaries (`target/<profile>/examples`).
+pub fn example_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/examples/<name>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+        .join(name)
+}
+
+/// Regex-free `-hide` pattern for `go tool pprof` that hides the standard library's
+/// frames, so that values land on the program's own functions.
+pub const HIDE_STD: &str = r"^(alloc|core|std)::|^<(alloc|core|std)|as (alloc|core|std)::";
