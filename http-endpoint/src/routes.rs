@@ -19,12 +19,12 @@ pub(crate) async fn profile(p: &Pprof, kind: ProfileKind, query: Option<&str>) -
         None => None,
         Some(sec) => match check_seconds(p, &sec, debug) {
             Ok(sec) => Some(sec),
-            Err(resp) => return resp,
+            Err(e) => return e.response(),
         },
     };
     let output = match output(kind, query, debug) {
         Ok(o) => o,
-        Err(resp) => return resp,
+        Err(e) => return e.response(),
     };
     if let Some(sec) = seconds {
         let shutdown = p.shared.shutdown.clone();
@@ -49,13 +49,25 @@ pub(crate) async fn profile(p: &Pprof, kind: ProfileKind, query: Option<&str>) -
     }
 }
 
+/// A 400 answer, as Go's `serveError` writes it.
+struct BadRequest(String);
+
+impl BadRequest {
+    fn new(message: impl Into<String>) -> BadRequest {
+        BadRequest(message.into())
+    }
+
+    fn response(&self) -> Response<Body> {
+        response::go_error(StatusCode::BAD_REQUEST, &self.0)
+    }
+}
+
 /// Go's checks of `seconds`, in Go's order.
-fn check_seconds(p: &Pprof, sec: &str, debug: i64) -> Result<u64, Response<Body>> {
+fn check_seconds(p: &Pprof, sec: &str, debug: i64) -> Result<u64, BadRequest> {
     let sec = match parse_int(sec) {
         Ok(s) if s > 0 => s as u64,
         _ => {
-            return Err(response::go_error(
-                StatusCode::BAD_REQUEST,
+            return Err(BadRequest::new(
                 r#"invalid value for "seconds" - must be a positive integer"#,
             ))
         }
@@ -63,22 +75,18 @@ fn check_seconds(p: &Pprof, sec: &str, debug: i64) -> Result<u64, Response<Body>
     // Both of our profiles support deltas, so Go's `"seconds" parameter is not
     // supported for this profile type` has no route here.
     if sec > p.shared.config.max_delta_seconds {
-        return Err(response::go_error(
-            StatusCode::BAD_REQUEST,
+        return Err(BadRequest::new(
             "profile duration exceeds server's WriteTimeout",
         ));
     }
     if debug != 0 {
-        return Err(response::go_error(
-            StatusCode::BAD_REQUEST,
-            "seconds and debug params are incompatible",
-        ));
+        return Err(BadRequest::new("seconds and debug params are incompatible"));
     }
     Ok(sec)
 }
 
 /// Which output the query asks for; a 400 for a bad `format` or `si`.
-fn output(kind: ProfileKind, query: Option<&str>, debug: i64) -> Result<Output, Response<Body>> {
+fn output(kind: ProfileKind, query: Option<&str>, debug: i64) -> Result<Output, BadRequest> {
     match form_value(query, "format").as_deref() {
         None | Some("") => Ok(if debug != 0 {
             Output::Text
@@ -87,28 +95,21 @@ fn output(kind: ProfileKind, query: Option<&str>, debug: i64) -> Result<Output, 
         }),
         Some("svg") => {
             if debug != 0 {
-                return Err(response::go_error(
-                    StatusCode::BAD_REQUEST,
-                    "format and debug params are incompatible",
-                ));
+                return Err(BadRequest::new("format and debug params are incompatible"));
             }
             match form_value(query, "si").filter(|s| !s.is_empty()) {
                 None => Ok(Output::Svg(kind.default_sample_type())),
                 Some(si) => SampleType::from_name(&si).map(Output::Svg).ok_or_else(|| {
-                    response::go_error(
-                        StatusCode::BAD_REQUEST,
-                        &format!(
-                            "invalid value for \"si\" - must be one of alloc_objects, \
+                    BadRequest::new(format!(
+                        "invalid value for \"si\" - must be one of alloc_objects, \
                              alloc_space, inuse_objects, inuse_space (got {si:?})"
-                        ),
-                    )
+                    ))
                 }),
             }
         }
-        Some(other) => Err(response::go_error(
-            StatusCode::BAD_REQUEST,
-            &format!("invalid value for \"format\" - must be \"svg\" or absent (got {other:?})"),
-        )),
+        Some(other) => Err(BadRequest::new(format!(
+            "invalid value for \"format\" - must be \"svg\" or absent (got {other:?})"
+        ))),
     }
 }
 
