@@ -48,13 +48,17 @@ pub fn legacy_text(profile: &Profile) -> String {
             }
             for line in &loc.lines {
                 let f = &profile.functions[line.function];
-                let off = loc
-                    .symbol_address
-                    .map_or(0, |start| loc.address.0.saturating_sub(start));
+                // The offset into the function, when the symbolizer knew where it starts.
+                let off = match loc.symbol_address {
+                    Some(start) if start < loc.address.0 => {
+                        format!("+{:#x}", loc.address.0 - start)
+                    }
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "#\t{:#x}\t{}+{:#x}\t{}:{}",
-                    loc.address.0, f.name, off, f.filename, line.line
+                    "#\t{:#x}\t{}{off}\t{}:{}",
+                    loc.address.0, f.name, f.filename, line.line
                 );
             }
         }
