@@ -53,11 +53,12 @@ fn leaf(seed: u64, held: &mut Vec<Vec<u8>>, bytes: &AtomicU64) {
     }
 }
 
+/// A churning thread; it returns the blocks it still holds.
+type Worker = std::thread::JoinHandle<Vec<Vec<u8>>>;
+
 /// Runs 8 churning threads until `stop` and they each did 10k operations; returns what
 /// they still hold and the bytes they asked for.
-fn run_workers(
-    stop: Arc<AtomicBool>,
-) -> (Vec<std::thread::JoinHandle<Vec<Vec<u8>>>>, Arc<AtomicU64>) {
+fn run_workers(stop: Arc<AtomicBool>) -> (Vec<Worker>, Arc<AtomicU64>) {
     let requested = Arc::new(AtomicU64::new(0));
     let threads = (0..8)
         .map(|t| {

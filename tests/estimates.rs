@@ -179,6 +179,7 @@ fn a_rate_change_keeps_estimates_unbiased() {
 }
 
 #[inline(never)]
+#[allow(clippy::vec_box)] // one allocation per element is the point
 fn site_every_allocation(n: usize) -> Vec<Box<[u8; 100]>> {
     let mut v = Vec::with_capacity(n);
     for i in 0..n {
@@ -188,6 +189,7 @@ fn site_every_allocation(n: usize) -> Vec<Box<[u8; 100]>> {
 }
 
 #[inline(never)]
+#[allow(clippy::vec_box)] // one allocation per element is the point
 fn site_rate_zero(n: usize) -> Vec<Box<[u8; 100]>> {
     (0..n)
         .map(|i| black_box(Box::new([i as u8; 100])))

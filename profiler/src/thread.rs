@@ -312,15 +312,12 @@ pub(crate) struct HiddenRegion {
 
 impl HiddenRegion {
     pub(crate) fn begin() -> Self {
-        STATE.with(|s| {
-            let saved = HiddenRegion {
-                alloc_left: s.alloc_left.replace(NEVER),
-                alloc_count: s.alloc_count.get(),
-                free_left: s.free_left.replace(NEVER),
-                free_count: s.free_count.get(),
-                _not_send: std::marker::PhantomData,
-            };
-            saved
+        STATE.with(|s| HiddenRegion {
+            alloc_left: s.alloc_left.replace(NEVER),
+            alloc_count: s.alloc_count.get(),
+            free_left: s.free_left.replace(NEVER),
+            free_count: s.free_count.get(),
+            _not_send: std::marker::PhantomData,
         })
     }
 }
