@@ -1,10 +1,12 @@
 //! The reentrancy mark.
 //!
 //! While the profiler itself works on a thread (capturing a stack, inserting into the
-//! table, symbolizing under the symbol-cache lock), that thread is *marked*. Allocations
-//! made by a marked thread still go through [`crate::Profiler`] and still count in the
-//! exact totals, but are never sampled, so the profiler can never re-enter itself and can
-//! never try to take a lock it already holds.
+//! table, exporting, symbolizing under the symbol-cache lock), that thread is *marked*.
+//! Allocations made by a marked thread still go through [`crate::Profiler`] but are never
+//! sampled, so the profiler can never re-enter itself and can never try to take a lock it
+//! already holds. They count in the exact totals, except on the sampled path, which also
+//! hides its allocations (the stack table's storage) from the totals: see
+//! `thread::HiddenRegion`.
 
 use crate::thread;
 use std::marker::PhantomData;

@@ -9,7 +9,7 @@
 //!   over bytes as Go's runtime; the math is in [`sampler`]) and keeps exact totals.
 //! * Sampled stacks go into a lock-sharded table; frees of sampled objects are credited.
 //! * [`snapshot`] copies the table; [`Snapshot::to_profile`] symbolizes it into a
-//!   format-neutral [`Profile`]; [`pprof::encode`] and [`text::legacy_text`] write it.
+//!   format-neutral [`Profile`]; [`pprof::encode()`] and [`text::legacy_text`] write it.
 //!
 //! Export work runs with the calling thread marked as profiler work, so its own
 //! allocations are never sampled: exporting does not change the profile, and two exports
