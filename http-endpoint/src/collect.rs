@@ -65,6 +65,8 @@ pub(crate) struct Collector {
     permits: Semaphore,
     waiting_deltas: AtomicUsize,
     max_waiting_deltas: usize,
+    /// Profiles built by [`Collector::current`] (for the single-flight test).
+    builds: AtomicUsize,
 }
 
 impl Collector {
@@ -74,6 +76,7 @@ impl Collector {
             permits: Semaphore::new(MAX_CONCURRENT_BUILDS),
             waiting_deltas: AtomicUsize::new(0),
             max_waiting_deltas,
+            builds: AtomicUsize::new(0),
         }
     }
 
@@ -96,6 +99,7 @@ impl Collector {
         let result = flight
             .get_or_init(|| async {
                 let _permit = self.permits.acquire().await;
+                self.builds.fetch_add(1, Ordering::Relaxed);
                 blocking(move || render(&snapshot().to_profile(), kind, output)).await?
             })
             .await
@@ -190,5 +194,68 @@ fn render(profile: &Profile, kind: ProfileKind, output: Output) -> Rendered {
         Output::Proto => Ok(pprof::encode(profile, kind).into()),
         Output::Text => Ok(text::legacy_text(profile).into()),
         Output::Svg(t) => crate::flamegraph::render(profile, kind, t).map(Bytes::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests for the same output that arrive together share one build; a request
+    /// after it finished builds anew; a different output builds its own.
+    #[test]
+    fn concurrent_requests_share_one_build() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = Collector::new(1);
+        rt.block_on(async {
+            // All 20 are polled once before the first build can finish (its result
+            // arrives from the blocking pool and needs another turn of this runtime).
+            let results: Vec<Rendered> =
+                futures_join_all((0..20).map(|_| c.current(ProfileKind::Heap, Output::Proto)))
+                    .await;
+            assert!(results.iter().all(|r| r.is_ok()));
+            assert!(
+                results.windows(2).all(|w| w[0] == w[1]),
+                "one shared result"
+            );
+            assert_eq!(c.builds.load(Ordering::Relaxed), 1);
+            c.current(ProfileKind::Heap, Output::Proto).await.unwrap();
+            assert_eq!(
+                c.builds.load(Ordering::Relaxed),
+                2,
+                "a later request builds anew"
+            );
+            c.current(ProfileKind::Allocs, Output::Text).await.unwrap();
+            assert_eq!(c.builds.load(Ordering::Relaxed), 3);
+        });
+    }
+
+    /// A minimal `join_all` (no futures crate): polls every future on each wake-up.
+    async fn futures_join_all<F: std::future::Future>(
+        futs: impl Iterator<Item = F>,
+    ) -> Vec<F::Output> {
+        let mut futs: Vec<_> = futs.map(Box::pin).collect();
+        let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+                if o.is_none() {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => *o = Some(v),
+                        std::task::Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        out.into_iter().map(|o| o.unwrap()).collect()
     }
 }

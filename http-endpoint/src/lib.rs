@@ -60,15 +60,21 @@
 //! # }
 //! ```
 //!
-//! With axum (0.8), which takes tower services:
+//! With axum (0.8), which takes tower services (compiled against axum, a dev-dependency
+//! only; tested in `tests/mounted.rs`):
 //!
-//! ```ignore
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! let pprof = allocprof_http::Pprof::new();
 //! let app = axum::Router::new()
 //!     .route("/", axum::routing::get(|| async { "hello" }))
-//!     .route_service("/debug/pprof/{*rest}", allocprof_http::Pprof::new())
-//!     .route_service("/debug/pprof/", allocprof_http::Pprof::new());
-//! // or, where the router strips the prefix:
-//! // .nest_service("/debug/pprof", allocprof_http::Config::new().prefix("").service())
+//!     .route_service("/debug/pprof/", pprof.clone())
+//!     .route_service("/debug/pprof/{*rest}", pprof)
+//!     // or under another path, with a router that strips the prefix:
+//!     .nest_service("/admin/pprof", allocprof_http::Config::new().prefix("").service());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await
+//! # }
 //! ```
 //!
 //! Mounted, the application's own server limits apply (header size and time, body size,
