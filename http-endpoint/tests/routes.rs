@@ -234,8 +234,13 @@ fn routes_as_go() {
             "image/svg+xml",
         )
         .has(&["<svg", "allocs profile: alloc_objects"]),
-        case("GET", "/debug/pprof/allocs?seconds=1&format=svg", 200, "image/svg+xml")
-            .has(&["<svg", "allocs profile: alloc_space", "delta over "]),
+        case(
+            "GET",
+            "/debug/pprof/allocs?seconds=1&format=svg",
+            200,
+            "image/svg+xml",
+        )
+        .has(&["<svg", "allocs profile: alloc_space", "delta over "]),
         case("GET", "/debug/pprof/heap?format=svg&si=bogus", 400, TEXT).go_error(
             "invalid value for \"si\" - must be one of alloc_objects, alloc_space, \
              inuse_objects, inuse_space (got \"bogus\")",
