@@ -113,7 +113,14 @@
 //!
 //! Go's `"seconds" parameter is not supported for this profile type` cannot happen: both
 //! profiles support deltas. A method other than GET or HEAD (and POST on `symbol`) gets
-//! 405 with `Allow`; a missing or wrong bearer token, when one is configured, 401.
+//! 405 `Method Not Allowed` with `Allow`; a missing or wrong bearer token, when one is
+//! configured, 401 `Unauthorized`; an oversized or slow `/symbol` body 413 or 408. These
+//! carry `X-Go-Pprof: 1` too, so `go tool pprof` prints the reason
+//! (`server response: 401 Unauthorized - Unauthorized`). Paths outside the prefix get
+//! Go's mux answer, 404 `404 page not found`.
+//!
+//! `go tool pprof` cannot send a token: with one configured, fetch with
+//! `curl -H "Authorization: Bearer $TOKEN" -o heap.pb.gz URL`, then `go tool pprof heap.pb.gz`.
 //!
 //! # Limits
 //!

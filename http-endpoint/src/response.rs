@@ -48,7 +48,10 @@ pub(crate) fn attachment(filename: &str, body: impl Into<Bytes>) -> Response<Bod
     r
 }
 
-/// Go's `serveError`: plain text `message\n`, `X-Go-Pprof: 1`, no disposition.
+/// Go's `serveError`: plain text `message\n`, `X-Go-Pprof: 1`, no disposition. Used for
+/// every error of ours too (401, 405, 408, 413, 503): with the header, `go tool pprof`
+/// prints the body ("server response: 401 Unauthorized - Unauthorized") instead of the
+/// bare status.
 pub(crate) fn go_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut r = with(status, TEXT, format!("{message}\n"));
     r.headers_mut()
@@ -56,7 +59,7 @@ pub(crate) fn go_error(status: StatusCode, message: &str) -> Response<Body> {
     r
 }
 
-/// A plain-text error outside the pprof handlers (404 page, 405, 401, 413): Go's
+/// A plain-text error from outside the pprof handlers (the 404 page of Go's mux): Go's
 /// `http.Error` shape, without `X-Go-Pprof`.
 pub(crate) fn http_error(status: StatusCode, message: &str) -> Response<Body> {
     with(status, TEXT, format!("{message}\n"))

@@ -150,19 +150,19 @@ where
         match tokio::time::timeout(config.read_timeout, body.collect()).await {
             Ok(Ok(collected)) => collected.to_bytes().to_vec(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return response::http_error(
+                return response::go_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!("request body larger than {} bytes", config.max_body_bytes),
                 )
             }
             Ok(Err(e)) => {
-                return response::http_error(
+                return response::go_error(
                     StatusCode::BAD_REQUEST,
                     &format!("reading request: {e}"),
                 )
             }
             Err(_) => {
-                return response::http_error(
+                return response::go_error(
                     StatusCode::REQUEST_TIMEOUT,
                     "reading request: timed out",
                 )

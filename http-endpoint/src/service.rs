@@ -108,7 +108,7 @@ impl Pprof {
         let config = &self.shared.config;
         if let Some(token) = &config.token {
             if !auth::authorized(req.headers(), token) {
-                let mut r = response::http_error(StatusCode::UNAUTHORIZED, "Unauthorized");
+                let mut r = response::go_error(StatusCode::UNAUTHORIZED, "Unauthorized");
                 r.headers_mut().insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"allocprof\""),
@@ -127,7 +127,7 @@ impl Pprof {
             || *method == Method::HEAD
             || (*method == Method::POST && route == Route::Symbol);
         if !allowed.is_empty() && !method_ok {
-            let mut r = response::http_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+            let mut r = response::go_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
             r.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allowed));
             return r;

@@ -133,3 +133,47 @@ fn legacy_text_over_http() {
     assert!(raw.contains("PeriodType: space bytes"), "{raw}");
     assert!(raw.contains("Period: 4096"), "{raw}");
 }
+
+/// With a token configured, `go tool pprof` (which cannot send one) fails with our reason
+/// shown, because errors carry `X-Go-Pprof: 1`.
+#[test]
+fn pprof_shows_why_a_request_was_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !have_go() {
+        return;
+    }
+    let server = Config::new()
+        .addr("127.0.0.1:0")
+        .token(Some("s3cret"))
+        .serve()
+        .expect("serve");
+    let url = format!("http://{}/debug/pprof/heap", server.local_addr());
+    let out = std::process::Command::new("go")
+        .args(["tool", "pprof", "-top", &url])
+        .output()
+        .expect("run go tool pprof");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("server response: 401 Unauthorized - Unauthorized"),
+        "{stderr}"
+    );
+    let url = format!("http://{}/debug/pprof/heap?seconds=100000", base_url_addr());
+    let out = std::process::Command::new("go")
+        .args(["tool", "pprof", "-top", &url])
+        .output()
+        .expect("run go tool pprof");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("400 Bad Request - profile duration exceeds server's WriteTimeout"),
+        "{stderr}"
+    );
+    server.shutdown();
+}
+
+fn base_url_addr() -> String {
+    base_url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/debug/pprof")
+        .to_string()
+}

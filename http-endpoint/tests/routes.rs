@@ -263,15 +263,15 @@ fn routes_as_go() {
             .is("num_symbols: 1\n"),
         case("POST", "/debug/pprof/symbol", 413, TEXT)
             .body(&vec![b'1'; 5000])
-            .is("request body larger than 4096 bytes\n"),
+            .go_error("request body larger than 4096 bytes"),
         // stats.
         case("GET", "/debug/pprof/stats", 200, "application/json")
             .has(&["\"allocated_bytes\": ", "\"symbol_cache_entries\": "]),
         // Methods.
-        case("POST", "/debug/pprof/heap", 405, TEXT).is("Method Not Allowed\n"),
-        case("PUT", "/debug/pprof/symbol", 405, TEXT).is("Method Not Allowed\n"),
-        case("DELETE", "/debug/pprof/", 405, TEXT).is("Method Not Allowed\n"),
-        case("BREW", "/debug/pprof/cmdline", 405, TEXT).is("Method Not Allowed\n"),
+        case("POST", "/debug/pprof/heap", 405, TEXT).go_error("Method Not Allowed"),
+        case("PUT", "/debug/pprof/symbol", 405, TEXT).go_error("Method Not Allowed"),
+        case("DELETE", "/debug/pprof/", 405, TEXT).go_error("Method Not Allowed"),
+        case("BREW", "/debug/pprof/cmdline", 405, TEXT).go_error("Method Not Allowed"),
         // Outside the prefix.
         case("GET", "/", 404, TEXT).is("404 page not found\n"),
         case("GET", "/debug/pprofx", 404, TEXT).is("404 page not found\n"),
@@ -305,6 +305,11 @@ fn bearer_token_on_and_off() {
             r.header("x-content-type-options"),
             Some("nosniff"),
             "{what}"
+        );
+        assert_eq!(
+            r.header("x-go-pprof"),
+            Some("1"),
+            "{what}: pprof shows the body"
         );
         assert_eq!(
             r.header("www-authenticate"),
