@@ -80,6 +80,7 @@ impl Server {
 impl Config {
     /// Starts a standalone server with exactly this configuration (the environment is
     /// read only if [`Config::from_env`] or [`Config::with_env`] was used). See [`serve`].
+    /// Binding beyond loopback without a token prints a warning to stderr.
     ///
     /// # Errors
     ///
@@ -93,6 +94,12 @@ impl Config {
         })?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && self.token.is_none() {
+            eprintln!(
+                "allocprof-http: serving profiles on {addr}, beyond loopback, without a token \
+                 (set ALLOCPROF_HTTP_TOKEN or Config::token)"
+            );
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("allocprof-http-build")
