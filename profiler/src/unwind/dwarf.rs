@@ -18,10 +18,18 @@
 //!
 //! # Caches
 //!
-//! A rule cache is mutable state (about 30 KiB). There are [`SLOTS`] of them, each behind
-//! a try-lock; a thread starts at a slot picked from its identity and takes the first free
-//! one. No thread ever waits: if all are busy (or the module list is still being built by
-//! another thread) the capture declines and the caller falls back to the system unwinder.
+//! framehop's rule cache is direct-mapped (509 entries, slot = address mod 509), so two hot
+//! return addresses that share a slot evict each other on every capture, and each miss
+//! costs a full FDE lookup and CFI evaluation (~1 µs). Whether that happens depends on
+//! where the loader put the binary (ASLR), so one run can be several times slower than the
+//! next. To make it rare we keep [`WAYS`] caches per slot and pick one by a second hash of
+//! the address: in effect a direct-mapped cache of `WAYS × 509` entries.
+//!
+//! The caches are mutable state (about 50 KiB each, created on first use). There are
+//! [`SLOTS`] sets of them, each behind a try-lock; a thread starts at a slot picked from its
+//! identity and takes the first free one. No thread ever waits: if all are busy (or the
+//! module list is still being built by another thread) the capture declines and the caller
+//! falls back to the system unwinder.
 //!
 //! # Safety of the walk
 //!
@@ -82,22 +90,34 @@ static GLOBAL: Global = Global {
     modules: UnsafeCell::new(MaybeUninit::uninit()),
 };
 
-/// Number of rule caches.
-const SLOTS: usize = 8;
+/// Number of sets of rule caches (concurrent captures served without falling back).
+const SLOTS: usize = 4;
+
+/// framehop caches per slot, chosen by address (see the module docs).
+const WAYS: usize = 4;
+
+type Caches = [Cache; WAYS];
+
+/// The cache of `caches` that serves `address`: top bits of a multiplicative hash, which
+/// are independent of framehop's own `address mod 509`.
+#[inline]
+fn way(address: FrameAddress) -> usize {
+    (address.address().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as usize % WAYS
+}
 
 struct Slot {
     busy: AtomicBool,
-    cache: UnsafeCell<Option<Box<Cache>>>,
+    caches: UnsafeCell<Option<Box<Caches>>>,
 }
 
-// SAFETY: `cache` is only touched by the thread that holds `busy` (taken with an Acquire
+// SAFETY: `caches` is only touched by the thread that holds `busy` (taken with an Acquire
 // compare-exchange, released with a Release store), so accesses never overlap.
 unsafe impl Sync for Slot {}
 
 #[allow(clippy::declare_interior_mutable_const)] // used only as the array initialiser
 const FREE_SLOT: Slot = Slot {
     busy: AtomicBool::new(false),
-    cache: UnsafeCell::new(None),
+    caches: UnsafeCell::new(None),
 };
 static CACHES: [Slot; SLOTS] = [FREE_SLOT; SLOTS];
 
@@ -119,12 +139,12 @@ impl SlotGuard {
         })
     }
 
-    /// The cache, created on first use (allocates: called with the reentrancy mark set).
-    fn cache(&mut self) -> &mut Cache {
+    /// The caches, created on first use (allocates: called with the reentrancy mark set).
+    fn caches(&mut self) -> &mut Caches {
         // SAFETY: this guard holds the slot's try-lock, so no other reference to the cell's
         // contents exists; the returned borrow ends before the guard releases the lock.
-        let cell = unsafe { &mut *self.0.cache.get() };
-        cell.get_or_insert_with(|| Box::new(Cache::new_in()))
+        let cell = unsafe { &mut *self.0.caches.get() };
+        cell.get_or_insert_with(|| Box::new(std::array::from_fn(|_| Cache::new_in())))
     }
 }
 
@@ -224,7 +244,7 @@ pub(super) fn capture(buf: &mut StackBuf, marker: usize) -> bool {
         marker,
         &bounds,
         &modules.unwinder,
-        slot.cache(),
+        slot.caches(),
         regs,
         FrameAddress::from_instruction_pointer(ip as u64),
     );
@@ -254,7 +274,7 @@ pub(super) fn resume(buf: &mut StackBuf, marker: usize, ip: usize, sp: usize, bp
         marker,
         &bounds,
         &modules.unwinder,
-        slot.cache(),
+        slot.caches(),
         regs,
         address,
     );
@@ -268,7 +288,7 @@ fn walk(
     marker: usize,
     bounds: &StackBounds,
     unwinder: &Unw,
-    cache: &mut Cache,
+    caches: &mut Caches,
     mut regs: UnwindRegsX86_64,
     mut address: FrameAddress,
 ) {
@@ -277,7 +297,9 @@ fn walk(
     // ends; the cap is a second guard.
     for _ in 0..4 * crate::stack::MAX_DEPTH {
         let sp_before = regs.sp();
-        let Ok(Some(ret)) = unwinder.unwind_frame(address, &mut regs, cache, &mut read) else {
+        let Ok(Some(ret)) =
+            unwinder.unwind_frame(address, &mut regs, &mut caches[way(address)], &mut read)
+        else {
             // The root was reached or the frame could not be unwound.
             return;
         };
