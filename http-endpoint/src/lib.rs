@@ -131,7 +131,7 @@
 //! * `/symbol` bodies: at most 64 KiB (413), sent within 10 s (408).
 //! * At most 128 connections at once (standalone); further ones wait in the backlog.
 //! * Concurrent requests for the same profile share one build; at most two builds run
-//!   at once (see the `collect` module). A delta request whose client disconnects stops
+//!   at once. A delta request whose client disconnects stops
 //!   waiting at once.
 
 mod auth;

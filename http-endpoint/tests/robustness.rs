@@ -135,7 +135,10 @@ fn garbage_requests_get_an_error_or_a_closed_connection() {
     ];
     for (what, raw) in &cases {
         match exchange(addr, raw) {
-            Ok(r) => assert!(r.status >= 400, "{what}: got {} {:?}", r.status, r.text()),
+            Ok(r) => {
+                eprintln!("{what}: {} {:?}", r.status, r.text());
+                assert!(r.status >= 400, "{what}: got {} {:?}", r.status, r.text());
+            }
             Err(e) => eprintln!("{what}: connection closed without a response ({e})"),
         }
         still_serving(addr, what);
