@@ -94,6 +94,30 @@ fn fifty_concurrent_scrapes_while_threads_allocate() {
     server.shutdown();
 }
 
+/// The same 50 scrapes in a child process whose samples are unwound by libgcc, so the
+/// endpoint's behaviour under concurrent load is checked while the DWARF unwinder's
+/// concurrency panic is open (see the ignored test above).
+#[test]
+fn fifty_concurrent_scrapes_with_the_libgcc_unwinder() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fifty_concurrent_scrapes_while_threads_allocate",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("ALLOCPROF_UNWINDER", "libgcc")
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn garbage_requests_get_an_error_or_a_closed_connection() {
     let server = start();
