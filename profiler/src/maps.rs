@@ -2,8 +2,8 @@
 //! `Mapping` messages: so a profile can be symbolized offline against the right binary.
 //!
 //! The mapping list comes from `/proc/self/maps` (every executable mapping); build IDs
-//! from the `NT_GNU_BUILD_ID` notes of the loaded objects, read in memory through
-//! `dl_iterate_phdr` (no file I/O). Runs at export time only.
+//! from the `NT_GNU_BUILD_ID` notes of the mapped files, read from disk (see
+//! [`build_id_of_file`] for why not through the loader). Runs at export time only.
 
 use std::collections::HashMap;
 
@@ -28,16 +28,17 @@ pub fn executable_mappings() -> Vec<MappingInfo> {
         Ok(t) => t,
         Err(_) => return Vec::new(),
     };
-    let ids = build_ids();
-    let exe = std::fs::read_link("/proc/self/exe")
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let mut ids: HashMap<String, String> = HashMap::new();
     let mut out: Vec<MappingInfo> = text
         .lines()
         .filter_map(parse_maps_line)
         .map(|mut m| {
-            let key = if m.path == exe { "" } else { m.path.as_str() };
-            m.build_id = ids.get(key).cloned().unwrap_or_default();
+            if m.path.starts_with('/') {
+                m.build_id = ids
+                    .entry(m.path.clone())
+                    .or_insert_with(|| build_id_of_file(&m.path).unwrap_or_default())
+                    .clone();
+            }
             m
         })
         .collect();
@@ -68,51 +69,48 @@ fn parse_maps_line(line: &str) -> Option<MappingInfo> {
     })
 }
 
-/// Build IDs of loaded objects by `dlpi_name` ("" for the main executable).
-fn build_ids() -> HashMap<String, String> {
-    let mut out: HashMap<String, String> = HashMap::new();
-    unsafe extern "C" fn callback(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info for the duration of the call, and
-        // `data` is the `&mut HashMap` passed below.
-        let (info, out) = unsafe { (&*info, &mut *(data as *mut HashMap<String, String>)) };
-        let name = if info.dlpi_name.is_null() {
-            String::new()
-        } else {
-            // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
-            unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        if info.dlpi_phdr.is_null() {
-            return 0;
-        }
-        // SAFETY: dlpi_phdr points to dlpi_phnum program headers of a loaded object.
-        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-        for ph in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
-            let start = info.dlpi_addr as usize + ph.p_vaddr as usize;
-            // SAFETY: a PT_NOTE segment of a loaded object is mapped readable at
-            // load base + p_vaddr for p_memsz bytes.
-            let notes =
-                unsafe { std::slice::from_raw_parts(start as *const u8, ph.p_memsz as usize) };
-            if let Some(id) = find_gnu_build_id(notes) {
-                out.insert(name.clone(), id);
-                break;
-            }
-        }
-        0
+/// The GNU build ID of the ELF file at `path`, read from its `PT_NOTE` segments on disk.
+///
+/// Deliberately not through `dl_iterate_phdr`: that takes the dynamic loader's lock, and
+/// the child of a `fork` made while another thread held it (exporting, or unwinding
+/// through libgcc) would wait for it forever. Reading the file takes no lock.
+pub fn build_id_of_file(path: &str) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut ehdr = [0u8; 64];
+    f.read_exact(&mut ehdr).ok()?;
+    // ELF64, little-endian: the only layout the platforms we build for use.
+    if &ehdr[..4] != b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
+        return None;
     }
-    // SAFETY: the callback only reads loader data during the call and writes to `out`.
-    unsafe {
-        libc::dl_iterate_phdr(
-            Some(callback),
-            (&mut out as *mut HashMap<String, String>).cast(),
-        );
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as u64;
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize < 56 || phnum > 4096 {
+        return None;
     }
-    out
+    let mut phdrs = vec![0u8; (phentsize * phnum) as usize];
+    f.seek(SeekFrom::Start(phoff)).ok()?;
+    f.read_exact(&mut phdrs).ok()?;
+    for ph in phdrs.chunks_exact(phentsize as usize) {
+        if u32_at(ph, 0) != libc::PT_NOTE {
+            continue;
+        }
+        let (offset, size) = (u64_at(ph, 8), u64_at(ph, 32));
+        if size == 0 || size > 1 << 20 {
+            continue;
+        }
+        let mut notes = vec![0u8; size as usize];
+        f.seek(SeekFrom::Start(offset)).ok()?;
+        if f.read_exact(&mut notes).is_err() {
+            continue;
+        }
+        if let Some(id) = find_gnu_build_id(&notes) {
+            return Some(id);
+        }
+    }
+    None
 }
 
 /// Finds the `NT_GNU_BUILD_ID` note in an ELF note segment; hex of its descriptor.

@@ -220,6 +220,11 @@ fn flush_alloc(s: &ThreadState, consumed: isize) {
 #[cold]
 pub(crate) fn free_event() {
     STATE.with(|s| {
+        if s.phase.get() == PHASE_NEW {
+            // A thread that only frees (memory other threads allocated) must flush at
+            // exit too.
+            start_thread(s);
+        }
         flush_free(s);
         let armed = if s.phase.get() == PHASE_EXITING {
             0
