@@ -251,25 +251,34 @@ pub(super) fn capture(buf: &mut StackBuf, marker: usize) -> bool {
     true
 }
 
+/// How a walk ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Walked {
+    /// At the root of the stack: a frame with an undefined return address.
+    Root,
+    /// Anywhere else: a frame that could not be unwound, a bad read, a full buffer.
+    Stopped,
+}
+
 /// Continues a walk that a frame-pointer walk handed off (see `fp::End::Handoff`): the
 /// return address `ip` is already in `buf`; unwinds its frame and those above it.
 ///
-/// Returns `false` (nothing pushed) if the unwinder is not available right now.
-pub(super) fn resume(buf: &mut StackBuf, marker: usize, ip: usize, sp: usize, bp: usize) -> bool {
-    let Some(modules) = modules() else {
-        return false;
-    };
-    let Some(bounds) = StackBounds::current().and_then(|b| b.above_sp(sp)) else {
-        return false;
-    };
+/// Returns `None` (nothing pushed) if the unwinder is not available right now.
+pub(super) fn resume(
+    buf: &mut StackBuf,
+    marker: usize,
+    ip: usize,
+    sp: usize,
+    bp: usize,
+) -> Option<Walked> {
+    let modules = modules()?;
+    let bounds = StackBounds::current().and_then(|b| b.above_sp(sp))?;
     let Some(address) = FrameAddress::from_return_address(ip as u64) else {
-        return true;
+        return Some(Walked::Stopped);
     };
-    let Some(mut slot) = SlotGuard::acquire() else {
-        return false;
-    };
+    let mut slot = SlotGuard::acquire()?;
     let regs = UnwindRegsX86_64::new(ip as u64, sp as u64, bp as u64);
-    walk(
+    Some(walk(
         buf,
         marker,
         &bounds,
@@ -277,8 +286,7 @@ pub(super) fn resume(buf: &mut StackBuf, marker: usize, ip: usize, sp: usize, bp
         slot.caches(),
         regs,
         address,
-    );
-    true
+    ))
 }
 
 /// The unwinding loop. `address` is the frame to unwind next; its own address has been
@@ -291,31 +299,32 @@ fn walk(
     caches: &mut Caches,
     mut regs: UnwindRegsX86_64,
     mut address: FrameAddress,
-) {
+) -> Walked {
     let mut read = |addr: u64| bounds.read(addr as usize).map(|w| w as u64).ok_or(());
     // Every step strictly raises the stack pointer inside bounded memory, so the loop
     // ends; the cap is a second guard.
     for _ in 0..4 * crate::stack::MAX_DEPTH {
         let sp_before = regs.sp();
-        let Ok(Some(ret)) =
-            unwinder.unwind_frame(address, &mut regs, &mut caches[way(address)], &mut read)
-        else {
-            // The root was reached or the frame could not be unwound.
-            return;
-        };
+        let ret =
+            match unwinder.unwind_frame(address, &mut regs, &mut caches[way(address)], &mut read) {
+                Ok(Some(ret)) => ret,
+                Ok(None) => return Walked::Root,
+                Err(_) => return Walked::Stopped,
+            };
         // `regs` now hold the caller's values: its stack pointer is the CFA of the frame
         // just unwound. Keep the return address iff that frame lies above the marker.
         if regs.sp() <= sp_before {
-            return;
+            return Walked::Stopped;
         }
         if regs.sp() as usize > marker && !buf.push(ret as usize) {
-            return;
+            return Walked::Stopped;
         }
         let Some(next) = FrameAddress::from_return_address(ret) else {
-            return;
+            return Walked::Stopped;
         };
         address = next;
     }
+    Walked::Stopped
 }
 
 /// Enumerates the loaded objects. Allocates (called with the reentrancy mark set).

@@ -24,7 +24,8 @@
 //! All three produce the same stacks (tested in `tests.rs`). The choice is made once per
 //! process: `ALLOCPROF_UNWINDER=fp|dwarf|libgcc` if set, else `fp` when this crate was
 //! compiled with frame pointers (then the whole build was: `RUSTFLAGS` apply to every
-//! crate, and Rust's std is itself built with frame pointers since 1.79), else `dwarf`
+//! crate; Rust's precompiled std keeps frame pointers in its non-leaf functions too,
+//! checked on 1.95 by disassembly), else `dwarf`
 //! where available, else `libgcc`. When the chosen unwinder cannot run for one capture
 //! (unknown stack bounds, e.g. on a signal alternate stack; every rule cache busy; the
 //! module list being built by another thread) that capture falls back to `libgcc`.
@@ -46,6 +47,8 @@ mod dwarf;
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
 mod fp;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod tail;
 
 #[cfg(test)]
 mod tests;
@@ -200,7 +203,7 @@ pub(crate) fn capture_with(unwinder: Unwinder, buf: &mut StackBuf, marker: usize
             match end {
                 Some(fp::End::Done) => return Unwinder::FramePointer,
                 Some(fp::End::Handoff { ip, sp, bp }) => {
-                    dwarf::resume(buf, marker, ip, sp, bp);
+                    finish_with_dwarf(buf, marker, ip, sp, bp, main.as_ref());
                     return Unwinder::FramePointer;
                 }
                 None => {}
@@ -216,4 +219,33 @@ pub(crate) fn capture_with(unwinder: Unwinder, buf: &mut StackBuf, marker: usize
     }
     libgcc::capture(buf, marker);
     Unwinder::Libgcc
+}
+
+/// The frames above a frame-pointer walk's hand-off: replayed from this thread's memo of
+/// its root frames when the hand-off is the memoised one, else unwound with DWARF (and
+/// memoised when they qualify, see `tail.rs`).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn finish_with_dwarf(
+    buf: &mut StackBuf,
+    marker: usize,
+    ip: usize,
+    sp: usize,
+    bp: usize,
+    main: Option<&std::ops::Range<usize>>,
+) {
+    if let Some((frames, len)) = tail::lookup(ip, sp, bp) {
+        for &f in &frames[..len] {
+            if !buf.push(f) {
+                break;
+            }
+        }
+        return;
+    }
+    let before = buf.as_slice().len();
+    if dwarf::resume(buf, marker, ip, sp, bp) == Some(dwarf::Walked::Root) {
+        let added = &buf.as_slice()[before..];
+        if main.is_some_and(|m| added.iter().all(|a| !m.contains(a))) {
+            tail::store(ip, sp, bp, added);
+        }
+    }
 }
