@@ -85,15 +85,15 @@ fn seconds_gives_a_delta() {
     let stop = AtomicBool::new(false);
     let (top, stderr) = std::thread::scope(|s| {
         s.spawn(|| endpoint_test_allocating_during_delta(&stop));
-        let out = go_pprof(&[
+        // Stops the allocator on every way out, a failed `go tool pprof` too.
+        let _stop = common::StopOnDrop(&stop);
+        go_pprof(&[
             "-seconds",
             "2",
             "-top",
             "-sample_index=alloc_space",
             &format!("{url}/allocs"),
-        ]);
-        stop.store(true, Ordering::Relaxed);
-        out
+        ])
     });
     println!("go tool pprof -seconds 2 -top -sample_index=alloc_space {url}/allocs\n{stderr}{top}");
     // pprof says it is fetching for 2 seconds; the profile covers them.

@@ -70,6 +70,8 @@ fn fifty_concurrent_scrapes_while_threads_allocate() {
         for _ in 0..4 {
             s.spawn(|| endpoint_test_background_allocator(&stop));
         }
+        // Stops the allocators on every way out of this closure, a failed assertion too.
+        let _stop = common::StopOnDrop(&stop);
         let scrapes: Vec<_> = (0..50)
             .map(|i| {
                 let target = targets[i % targets.len()];
@@ -88,7 +90,6 @@ fn fifty_concurrent_scrapes_while_threads_allocate() {
                 assert!(r.text().starts_with("heap profile: "), "{target}");
             }
         }
-        stop.store(true, Ordering::Relaxed);
     });
     still_serving(addr, "the concurrent scrapes");
     server.shutdown();
