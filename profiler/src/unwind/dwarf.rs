@@ -135,7 +135,9 @@ impl SlotGuard {
             slot.busy
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
-                .then_some(SlotGuard(slot))
+                // `then`, not `then_some`: a guard built eagerly for a slot we did not get
+                // would release another thread's slot when dropped.
+                .then(|| SlotGuard(slot))
         })
     }
 
