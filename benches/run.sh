@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Overhead benchmarks of allocprof against the unprofiled allocators and its peers.
+#
+#   benches/run.sh            # everything: build, workloads table, criterion, first export
+#   benches/run.sh workloads  # only the whole-process table
+#   benches/run.sh micro      # only criterion and first_export
+#
+# Two builds: `default` (no frame pointers: allocprof picks its DWARF unwinder) in
+# target/, and `frame-pointers` (RUSTFLAGS=-Cforce-frame-pointers=yes: allocprof walks
+# frame pointers) in target-fp/. RUNS (default 5) alternating pairs per cell.
+set -euo pipefail
+cd "$(dirname "$0")"
+what=${1:-all}
+RUNS=${RUNS:-5}
+FP_FLAGS="-C force-frame-pointers=yes"
+
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(rustc --version)"
+
+cargo build -q --release --bins
+RUSTFLAGS="$FP_FLAGS" CARGO_TARGET_DIR=target-fp cargo build -q --release --bins
+
+if [[ $what == all || $what == workloads ]]; then
+    python3 overhead.py --runs "$RUNS" default=target/release frame-pointers=target-fp/release
+fi
+
+if [[ $what == all || $what == micro ]]; then
+    cargo bench -q --bench unsampled >/dev/null
+    for u in dwarf libgcc; do
+        ALLOCPROF_UNWINDER=$u BENCH_BUILD=default cargo bench -q --bench sampled >/dev/null
+    done
+    for u in fp dwarf libgcc; do
+        ALLOCPROF_UNWINDER=$u BENCH_BUILD=frame-pointers RUSTFLAGS="$FP_FLAGS" \
+            CARGO_TARGET_DIR=target-fp cargo bench -q --bench sampled >/dev/null
+    done
+    cargo bench -q --bench export >/dev/null
+    echo
+    python3 micro.py target/criterion target-fp/criterion
+    echo "First export (cold symbolization), 10k unique stacks, default build:"
+    target/release/first_export 10000
+fi

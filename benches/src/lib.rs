@@ -1,0 +1,214 @@
+//! Whole-process workloads for the overhead comparison, shared by one binary per
+//! allocator (`src/bin/wl_*.rs`), and helpers for the criterion benchmarks.
+//!
+//! A workload binary is run as `wl_<allocator> <workload> [iterations-per-thread]`; it
+//! runs the workload on [`THREADS`] threads at a call depth of about 30 frames (services
+//! allocate from deep stacks; the sampled path's cost grows with depth) and prints a
+//! checksum so nothing is optimised away. `run.sh` measures its CPU time (user + system).
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+/// Worker threads per workload.
+pub const THREADS: usize = 2;
+
+/// Extra frames between `main` and the workload loop.
+pub const NEST: usize = 22;
+
+/// A small xorshift generator (no allocation, deterministic per thread).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A size drawn log-uniformly from `[lo, hi]`.
+    #[inline]
+    pub fn log_uniform(&mut self, lo: usize, hi: usize) -> usize {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
+        ((a + u * (b - a)).exp() as usize).clamp(lo, hi)
+    }
+}
+
+/// Calls `f` from `depth` frames further down.
+#[inline(never)]
+pub fn nest<R>(depth: usize, f: &mut dyn FnMut() -> R) -> R {
+    let r = if depth == 0 {
+        f()
+    } else {
+        nest(black_box(depth - 1), f)
+    };
+    black_box(r)
+}
+
+/// Small strings built by `format!` and looked up in a map (one small allocation and
+/// free per iteration, plus the map's hashing).
+#[inline(never)]
+pub fn small_strings(seed: u64, iters: usize) -> u64 {
+    let keys = 1000u64;
+    let mut map: HashMap<String, u64> = (0..keys).map(|i| (format!("user:{i}:session"), i)).collect();
+    let mut rng = Rng(seed | 1);
+    let mut sum = 0u64;
+    for _ in 0..iters {
+        let k = format!("user:{}:session", rng.next_u64() % (keys + keys / 5));
+        match map.get_mut(&k) {
+            Some(v) => {
+                *v += 1;
+                sum = sum.wrapping_add(*v);
+            }
+            None => sum = sum.wrapping_add(k.len() as u64),
+        }
+    }
+    sum
+}
+
+/// Cache-like churn: 10k live slots; each iteration replaces a random slot with a buffer
+/// of log-uniform size in 8 B–128 KiB (first and last byte written).
+#[inline(never)]
+pub fn churn(seed: u64, iters: usize) -> u64 {
+    const SLOTS: usize = 10_000;
+    let mut rng = Rng(seed | 1);
+    let mut slots: Vec<Vec<u8>> = (0..SLOTS).map(|_| Vec::new()).collect();
+    let mut sum = 0u64;
+    for i in 0..iters {
+        let s = (rng.next_u64() % SLOTS as u64) as usize;
+        let size = rng.log_uniform(8, 128 * 1024);
+        let v = fill(size, i as u8);
+        sum = sum.wrapping_add(slots[s].len() as u64);
+        slots[s] = v;
+    }
+    sum
+}
+
+/// Large buffers of log-uniform size in 256 KiB–4 MiB, allocated, touched once per
+/// 4 KiB page, and freed (at 512 KiB, 40–100% of them are sampled).
+#[inline(never)]
+pub fn large(seed: u64, iters: usize) -> u64 {
+    let mut rng = Rng(seed | 1);
+    let mut sum = 0u64;
+    for i in 0..iters {
+        let size = rng.log_uniform(256 * 1024, 4 * 1024 * 1024);
+        let mut v = fill(size, i as u8);
+        for page in v.spare_capacity_mut().iter_mut().step_by(4096) {
+            page.write(i as u8);
+        }
+        sum = sum.wrapping_add(v[v.len() - 1] as u64);
+    }
+    sum
+}
+
+/// A buffer of `size` bytes with its first and last byte written (so the memory is real
+/// without the workload turning into a memset benchmark).
+#[inline(never)]
+fn fill(size: usize, b: u8) -> Vec<u8> {
+    let mut v: Vec<u8> = Vec::with_capacity(size);
+    v.push(b);
+    if let Some(last) = v.spare_capacity_mut().get_mut(size - 2) {
+        last.write(b);
+    }
+    v
+}
+
+/// Default iterations per thread for a workload (about a second of CPU on System).
+pub fn default_iters(workload: &str) -> usize {
+    match workload {
+        "strings" => 8_000_000,
+        "churn" => 3_000_000,
+        "large" => 200_000,
+        _ => 0,
+    }
+}
+
+/// The entry point of every workload binary: parses `<workload> [iters]`, runs it on
+/// [`THREADS`] threads under [`nest`], prints the checksum.
+pub fn workload_main() {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(workload) = args.get(1).cloned() else {
+        eprintln!("usage: {} strings|churn|large [iterations-per-thread]", args[0]);
+        std::process::exit(2);
+    };
+    let f: fn(u64, usize) -> u64 = match workload.as_str() {
+        "strings" => small_strings,
+        "churn" => churn,
+        "large" => large,
+        other => {
+            eprintln!("unknown workload {other}");
+            std::process::exit(2);
+        }
+    };
+    let iters = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| default_iters(&workload));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                nest(NEST, &mut || f(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1), iters))
+            })
+        })
+        .collect();
+    let sum: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    println!("{workload} {sum}");
+}
+
+/// Fan-out of [`unique_stacks`]: distinct functions per level.
+pub const FAN: usize = 64;
+
+/// Distinct functions (one monomorphisation per `K`), so every path through them is a
+/// distinct stack of distinct return addresses.
+#[inline(never)]
+fn hop<const K: usize>(path: &[u8], leaf: &mut dyn FnMut()) {
+    match path.split_first() {
+        Some((&next, rest)) => HOPS[next as usize % FAN](rest, leaf),
+        None => leaf(),
+    }
+    black_box(K);
+}
+
+static HOPS: [fn(&[u8], &mut dyn FnMut()); FAN] = [hop::<0>, hop::<1>, hop::<2>, hop::<3>, hop::<4>, hop::<5>, hop::<6>, hop::<7>, hop::<8>, hop::<9>, hop::<10>, hop::<11>, hop::<12>, hop::<13>, hop::<14>, hop::<15>, hop::<16>, hop::<17>, hop::<18>, hop::<19>, hop::<20>, hop::<21>, hop::<22>, hop::<23>, hop::<24>, hop::<25>, hop::<26>, hop::<27>, hop::<28>, hop::<29>, hop::<30>, hop::<31>, hop::<32>, hop::<33>, hop::<34>, hop::<35>, hop::<36>, hop::<37>, hop::<38>, hop::<39>, hop::<40>, hop::<41>, hop::<42>, hop::<43>, hop::<44>, hop::<45>, hop::<46>, hop::<47>, hop::<48>, hop::<49>, hop::<50>, hop::<51>, hop::<52>, hop::<53>, hop::<54>, hop::<55>, hop::<56>, hop::<57>, hop::<58>, hop::<59>, hop::<60>, hop::<61>, hop::<62>, hop::<63>];
+
+/// Calls `leaf` from stack number `id`: `LEVELS` levels of [`FAN`] distinct functions,
+/// so ids below `FAN^LEVELS` (262 144) give distinct stacks.
+pub fn at_stack(id: usize, leaf: &mut dyn FnMut()) {
+    const LEVELS: usize = 3;
+    let mut path = [0u8; LEVELS];
+    let mut x = id;
+    for p in path.iter_mut() {
+        *p = (x % FAN) as u8;
+        x /= FAN;
+    }
+    hop::<999>(&path, leaf);
+}
+
+/// With sampling at rate 1, allocates (and frees) once from each of the stacks
+/// `from..to`, so the profile gains that many unique stacks.
+pub fn unique_stacks(from: usize, to: usize) {
+    for id in from..to {
+        at_stack(id, &mut || {
+            black_box(Vec::<u8>::with_capacity(64));
+        });
+    }
+}
+
+/// This process's resident set size and its peak, in KiB (`/proc/self/status`).
+pub fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
