@@ -183,12 +183,9 @@ where
             addrs
                 .into_iter()
                 .filter_map(|pc| {
-                    // `symbol_name` hands the address to `backtrace::resolve`, which
-                    // treats it as a return address and looks up the byte before it;
-                    // Go's `FuncForPC` looks up the byte itself (a function's first
-                    // address names that function). Reported to allocprof-core; remove
-                    // the `+ 1` when `symbol_name` resolves addresses as given.
-                    let lookup = usize::try_from(pc).ok()?.checked_add(1)?;
+                    // Go's `FuncForPC` names the function containing the byte itself,
+                    // and so does `symbol_name`.
+                    let lookup = usize::try_from(pc).ok()?;
                     allocprof_core::symbol_name(lookup).map(|name| (pc, name))
                 })
                 .collect::<Vec<_>>()

@@ -48,12 +48,7 @@ fn endpoint_test_background_allocator(stop: &AtomicBool) {
     }
 }
 
-// Ignored until allocprof-core's DWARF unwinder stops panicking under concurrent
-// allocation (gimli `UnwindContext::reset` unwrap on None, reached from
-// `allocprof_core::unwind::dwarf::walk` in the sampled path of the allocating threads).
-// Run with `cargo test -p allocprof-http --test robustness -- --ignored`.
 #[test]
-#[ignore = "allocprof-core: the sampled path's DWARF unwinder panics under concurrent allocation"]
 fn fifty_concurrent_scrapes_while_threads_allocate() {
     let _kept = workload();
     let server = start();
@@ -93,30 +88,6 @@ fn fifty_concurrent_scrapes_while_threads_allocate() {
     });
     still_serving(addr, "the concurrent scrapes");
     server.shutdown();
-}
-
-/// The same 50 scrapes in a child process whose samples are unwound by libgcc, so the
-/// endpoint's behaviour under concurrent load is checked while the DWARF unwinder's
-/// concurrency panic is open (see the ignored test above).
-#[test]
-fn fifty_concurrent_scrapes_with_the_libgcc_unwinder() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fifty_concurrent_scrapes_while_threads_allocate",
-            "--ignored",
-            "--test-threads=1",
-        ])
-        .env("ALLOCPROF_UNWINDER", "libgcc")
-        .output()
-        .expect("run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
 }
 
 #[test]

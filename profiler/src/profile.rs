@@ -408,7 +408,8 @@ impl Builder {
 
 impl Profile {
     /// Folded stacks (`root;…;leaf value`, inline frames expanded) for one sample type,
-    /// skipping zero values; the input of flame-graph renderers.
+    /// skipping zero values; the input of flame-graph renderers. A `;` inside a function
+    /// name is written as `；` (U+FF1B) so that it cannot split a frame.
     pub fn folded(&self, t: SampleType) -> Vec<(String, i64)> {
         let _mark = ReentrancyGuard::enter();
         let mut out: BTreeMap<String, i64> = BTreeMap::new();
@@ -417,14 +418,21 @@ impl Profile {
             if v == 0 {
                 continue;
             }
-            let mut names: Vec<&str> = Vec::new();
+            let mut names: Vec<std::borrow::Cow<'_, str>> = Vec::new();
             for &l in s.locations.iter().rev() {
                 let loc = &self.locations[l];
                 if loc.lines.is_empty() {
-                    names.push("??");
+                    names.push("??".into());
                 }
                 for line in loc.lines.iter().rev() {
-                    names.push(&self.functions[line.function].name);
+                    // `;` separates frames in the folded format, and Rust names can
+                    // contain it (`<[u8; 32] as Trait>`): write those as a full-width `；`.
+                    let name = &self.functions[line.function].name;
+                    names.push(if name.contains(';') {
+                        name.replace(';', "\u{FF1B}").into()
+                    } else {
+                        name.as_str().into()
+                    });
                 }
             }
             *out.entry(names.join(";")).or_default() += v;

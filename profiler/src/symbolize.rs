@@ -97,8 +97,9 @@ pub(crate) fn cache_size() -> (usize, usize) {
 
 fn resolve(addr: usize) -> Symbols {
     let mut frames = Vec::new();
-    // `resolve` takes the address as is: callers pass lookup addresses (return − 1).
-    backtrace::resolve(addr as *mut std::ffi::c_void, |sym| {
+    // `backtrace::resolve` treats its argument as a return address and looks up the byte
+    // before it; `addr` is already the byte to look up, so hand it `addr + 1`.
+    backtrace::resolve(addr.wrapping_add(1) as *mut std::ffi::c_void, |sym| {
         let (name, system_name) = match sym.name() {
             Some(n) => {
                 let demangled = format!("{n:#}");
