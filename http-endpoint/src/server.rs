@@ -19,7 +19,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Starts the endpoint on `addr` (`host:port`; port 0 picks one), unless the
 /// environment says otherwise: `ALLOCPROF_HTTP_ADDR` overrides `addr`,
 /// `ALLOCPROF_HTTP_TOKEN` sets a bearer token and `ALLOCPROF_HTTP_MAX_SECONDS` the cap on
-/// `?seconds=N` (see [`Config`]). For no environment lookup at all, use
+/// `?seconds=N` (see [`Config`]), and `ALLOCPROF_TRACE=<interval>` starts the trace line
+/// (`allocprof_core::trace::start_from_env`). For no environment lookup at all, use
 /// `Config::new().addr(addr).serve()`.
 ///
 /// The server runs on a thread named `allocprof-http` with its own current-thread tokio
@@ -32,7 +33,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// `ALLOCPROF_HTTP_MAX_SECONDS`, or starting the thread or runtime. The message names
 /// the address.
 pub fn serve(addr: &str) -> io::Result<Server> {
-    Config::new().addr(addr).with_env()?.serve()
+    let server = Config::new().addr(addr).with_env()?.serve()?;
+    // ALLOCPROF_TRACE=<interval>: the trace line, once per process.
+    allocprof_core::trace::start_from_env();
+    Ok(server)
 }
 
 /// Starts the endpoint on `ALLOCPROF_HTTP_ADDR`, or on `127.0.0.1:6060` when it is unset:
