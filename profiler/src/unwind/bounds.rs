@@ -68,6 +68,24 @@ impl StackBounds {
             && addr.checked_add(len).is_some_and(|end| end <= self.hi)
     }
 
+    /// Reads the two words of a frame record at `addr` (one bounds check for both), if the
+    /// record lies inside this thread's stack.
+    #[inline]
+    pub(crate) fn read_record(&self, addr: usize) -> Option<(usize, usize)> {
+        if !self.contains(addr, 2 * std::mem::size_of::<usize>()) {
+            return None;
+        }
+        let p = addr as *const usize;
+        // SAFETY: as in `read`, for both words of `[addr, addr + 16)`, which `contains`
+        // checked as a whole.
+        Some(unsafe {
+            (
+                std::ptr::read_volatile(p),
+                std::ptr::read_volatile(p.add(1)),
+            )
+        })
+    }
+
     /// Reads the word at `addr` if it lies inside this thread's stack.
     #[inline]
     pub(crate) fn read(&self, addr: usize) -> Option<usize> {

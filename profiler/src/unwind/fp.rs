@@ -105,7 +105,7 @@ pub(super) fn walk(
         return None;
     }
     loop {
-        let (Some(next), Some(ret)) = (bounds.read(fp), bounds.read(fp + RECORD / 2)) else {
+        let Some((next, ret)) = bounds.read_record(fp) else {
             return Some(End::Done);
         };
         if ret == 0 {
@@ -123,7 +123,7 @@ pub(super) fn walk(
                 return Some(handoff(ret, fp, next));
             }
         }
-        if next <= fp || !bounds.contains(next, RECORD) {
+        if next <= fp {
             return Some(End::Done);
         }
         fp = next;
