@@ -143,8 +143,7 @@ fn a_million_distinct_stacks_stay_under_the_cap() {
     let s0 = allocprof::stats();
 
     // Levels 1..=4: 69 904 stacks, more than the default cap of 32768.
-    // One worker thread: with more, the DWARF unwinder panics (a core bug, reported).
-    let threads = 1;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as u64;
     for levels in 1..LEVELS {
         all_paths(levels, threads);
     }

@@ -142,8 +142,6 @@ fn wait_for_progress(counter: &AtomicU64, what: &str) {
 }
 
 #[test]
-#[ignore = "bug: the child of a fork can deadlock in maps::build_ids (dl_iterate_phdr's \
-            loader lock held by a parent thread that was exporting at the fork); see issue 6 report"]
 fn children_of_a_sampling_process_allocate_and_export() {
     allocprof::set_sample_rate(1);
     // Warm up in the parent so that children inherit a populated symbol cache, and check

@@ -322,8 +322,6 @@ fn check_totals_around(label: &str, work: impl FnOnce()) {
 }
 
 #[test]
-#[ignore = "bug: a thread that only frees never registers its exit flush (thread.rs \
-            free_event never calls start_thread); its unflushed frees are lost"]
 fn free_only_threads_flush_at_exit() {
     let _serial = serial();
     check_totals_around("free-only threads", || {
@@ -339,8 +337,6 @@ fn free_only_threads_flush_at_exit() {
 }
 
 #[test]
-#[ignore = "bug: the DWARF unwinder (unwind/dwarf.rs, framehop/gimli) panics inside the allocator \
-            when threads sample concurrently; passes with ALLOCPROF_UNWINDER=libgcc"]
 fn short_lived_threads_keep_totals_consistent() {
     let _serial = serial();
     pool().clear();
@@ -445,8 +441,6 @@ fn helper_exit_child() {
 }
 
 #[test]
-#[ignore = "bug: the DWARF unwinder (unwind/dwarf.rs, framehop/gimli) panics inside the allocator \
-            when threads sample concurrently; passes with ALLOCPROF_UNWINDER=libgcc"]
 fn exit_while_sampling() {
     let exe = std::env::current_exe().expect("current_exe");
     for n in 0..EXIT_CHILDREN {
