@@ -241,7 +241,27 @@ fn rate_one_is_exact_and_rate_zero_samples_nothing() {
 
 #[test]
 fn exact_totals_count_every_byte() {
-    let _s = serial();
+    // Exact to the byte only where no other thread allocates or exits meanwhile (a test
+    // thread that exits flushes its counts): run the check alone in a child process.
+    if std::env::var_os("ALLOCPROF_EXACT_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "exact_totals_count_every_byte",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env("ALLOCPROF_EXACT_CHILD", "1")
+            .output()
+            .expect("run child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
     let before = allocprof::stats();
     let v: Vec<Box<[u8]>> = (0..10_000)
         .map(|_| vec![0u8; 333].into_boxed_slice())
@@ -249,8 +269,8 @@ fn exact_totals_count_every_byte() {
     let mid = allocprof::stats();
     drop(v);
     let after = allocprof::stats();
-    // This thread's counters are flushed by stats(); other threads of the test harness
-    // are idle, so the differences are exact up to the Vec holding the boxes.
+    // stats() flushes this thread's counters; no other thread runs. The differences are
+    // exact: the boxes and the Vec holding them.
     let holder = 10_000 * std::mem::size_of::<Box<[u8]>>() as u64;
     assert_eq!(
         mid.allocated_bytes - before.allocated_bytes,
