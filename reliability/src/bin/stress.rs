@@ -3,7 +3,8 @@
 //! blocks) at sample rate 1 and at a low rate, short-lived threads come and go, and
 //! profiles are exported while all of that runs. Small enough to finish under valgrind.
 //!
-//! `stress [--threads 4] [--rounds 3000]`
+//! `stress [--threads 4] [--rounds 3000] [--export 1]` (`--export 0`: no profiles, to
+//! tell the export path's own memory from the rest)
 
 use allocprof_reliability::{arg, request, Rng};
 use std::alloc::System;
@@ -35,6 +36,7 @@ fn churn(seed: u64, rounds: u64, pool: &Mutex<Vec<Vec<u8>>>) {
 fn main() {
     let threads: u64 = arg("--threads", 4);
     let rounds: u64 = arg("--rounds", 3000);
+    let export: u8 = arg("--export", 1);
     let pool = Arc::new(Mutex::new(Vec::new()));
     for (phase, rate) in [(0u64, 1usize), (1, 4096)] {
         allocprof::set_sample_rate(rate);
@@ -43,7 +45,7 @@ fn main() {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut n = 0;
-                while !stop.load(Ordering::Relaxed) || n == 0 {
+                while export != 0 && (!stop.load(Ordering::Relaxed) || n == 0) {
                     let heap = allocprof::heap_pprof();
                     let allocs = allocprof::allocs_pprof();
                     assert!(heap.starts_with(&[0x1f, 0x8b]) && allocs.starts_with(&[0x1f, 0x8b]));
