@@ -15,6 +15,7 @@
 //!
 //! A panic hook counts panics in the whole process (the server runs on its own thread
 //! here), so a panic the server swallows by closing the connection still fails the test.
+#![cfg(feature = "http")]
 
 use std::alloc::System;
 use std::io::{ErrorKind, Read, Write};
