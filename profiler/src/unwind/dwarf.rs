@@ -22,8 +22,11 @@
 //! return addresses that share a slot evict each other on every capture, and each miss
 //! costs a full FDE lookup and CFI evaluation (~1 µs). Whether that happens depends on
 //! where the loader put the binary (ASLR), so one run can be several times slower than the
-//! next. To make it rare we keep [`WAYS`] caches per slot and pick one by a second hash of
-//! the address: in effect a direct-mapped cache of `WAYS × 509` entries.
+//! next. So we keep [`WAYS`] caches per slot, and a global table of per-address *way
+//! hints*: an address is served by way `(hash(address) + hint) mod WAYS`, and a miss caused
+//! by a collision (framehop counts those) bumps the hint of the address that missed, which
+//! moves it to another way where its slot is free. Two colliding addresses are separated
+//! after one extra miss and stay apart.
 //!
 //! The caches are mutable state (about 50 KiB each, created on first use). There are
 //! [`SLOTS`] sets of them, each behind a try-lock; a thread starts at a slot picked from its
@@ -98,11 +101,32 @@ const WAYS: usize = 4;
 
 type Caches = [Cache; WAYS];
 
-/// The cache of `caches` that serves `address`: top bits of a multiplicative hash, which
-/// are independent of framehop's own `address mod 509`.
+/// Way hints, indexed by [`hint_index`]; races between threads only cost a miss.
+static HINTS: [AtomicU8; 4096] = [const { AtomicU8::new(0) }; 4096];
+
+#[inline]
+fn mix(address: FrameAddress) -> u64 {
+    address.address().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[inline]
+fn hint_index(address: FrameAddress) -> usize {
+    (mix(address) >> 52) as usize
+}
+
+/// The cache of `caches` that serves `address`: a hash independent of framehop's own
+/// `address mod 509`, moved along by the address's hint.
 #[inline]
 fn way(address: FrameAddress) -> usize {
-    (address.address().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as usize % WAYS
+    let hint = HINTS[hint_index(address)].load(Ordering::Relaxed) as usize;
+    ((mix(address) >> 62) as usize + hint) % WAYS
+}
+
+/// Moves `address` to the next way after it missed because another address held its slot.
+#[cold]
+fn collided(address: FrameAddress) {
+    let h = &HINTS[hint_index(address)];
+    h.store(h.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
 }
 
 struct Slot {
@@ -307,12 +331,17 @@ fn walk(
     // ends; the cap is a second guard.
     for _ in 0..4 * crate::stack::MAX_DEPTH {
         let sp_before = regs.sp();
-        let ret =
-            match unwinder.unwind_frame(address, &mut regs, &mut caches[way(address)], &mut read) {
-                Ok(Some(ret)) => ret,
-                Ok(None) => return Walked::Root,
-                Err(_) => return Walked::Stopped,
-            };
+        let cache = &mut caches[way(address)];
+        let collisions = cache.stats().miss_wrong_address_count;
+        let result = unwinder.unwind_frame(address, &mut regs, cache, &mut read);
+        if cache.stats().miss_wrong_address_count != collisions {
+            collided(address);
+        }
+        let ret = match result {
+            Ok(Some(ret)) => ret,
+            Ok(None) => return Walked::Root,
+            Err(_) => return Walked::Stopped,
+        };
         // `regs` now hold the caller's values: its stack pointer is the CFA of the frame
         // just unwound. Keep the return address iff that frame lies above the marker.
         if regs.sp() <= sp_before {
