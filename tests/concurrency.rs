@@ -11,35 +11,20 @@ use std::time::Duration;
 static ALLOC: allocprof::Profiler<System> = allocprof::Profiler::new(System);
 
 /// A different stack per (depth, branch pattern) so the table keeps growing while
-/// exports run.
+/// exports run: `churn::<false>` and `churn::<true>` are two functions, so each bit of
+/// `seed` picks which one the next frame is.
 #[inline(never)]
-fn churn(depth: u32, seed: u64, held: &mut Vec<Vec<u8>>, bytes: &AtomicU64) {
-    if depth > 0 {
-        if seed & 1 == 0 {
-            churn(depth - 1, seed >> 1, held, bytes);
-        } else {
-            churn_other(depth - 1, seed >> 1, held, bytes);
-        }
-        // Not a tail call: keep one frame per level.
-        black_box(depth);
-        return;
+fn churn<const B: bool>(depth: u32, seed: u64, held: &mut Vec<Vec<u8>>, bytes: &AtomicU64) {
+    if depth == 0 {
+        return leaf(seed, held, bytes);
     }
-    leaf(seed, held, bytes);
-}
-
-#[inline(never)]
-fn churn_other(depth: u32, seed: u64, held: &mut Vec<Vec<u8>>, bytes: &AtomicU64) {
-    if depth > 0 {
-        if seed & 1 == 0 {
-            churn(depth - 1, seed >> 1, held, bytes);
-        } else {
-            churn_other(depth - 1, seed >> 1, held, bytes);
-        }
-        // Not a tail call: keep one frame per level.
-        black_box(depth);
-        return;
+    if seed & 1 == 0 {
+        churn::<false>(depth - 1, seed >> 1, held, bytes);
+    } else {
+        churn::<true>(depth - 1, seed >> 1, held, bytes);
     }
-    leaf(seed, held, bytes);
+    // Not a tail call: keep one frame per level.
+    black_box(depth);
 }
 
 #[inline(never)]
@@ -72,7 +57,7 @@ fn run_workers(stop: Arc<AtomicBool>) -> (Vec<Worker>, Arc<AtomicU64>) {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    churn((x % 12) as u32, x >> 8, &mut held, &requested);
+                    churn::<false>((x % 12) as u32, x >> 8, &mut held, &requested);
                     n += 1;
                 }
                 // Handed to another thread, which frees them.
