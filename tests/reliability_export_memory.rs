@@ -54,8 +54,6 @@ fn workload() -> Vec<Vec<u8>> {
 }
 
 #[test]
-#[ignore = "bug: the symbolizer's caches (backtrace/gimli parsed DWARF, ~38 MB here) stay \
-            allocated after an export, counted in the program's in_use_bytes, not in profiler_bytes"]
 fn export_leftovers_are_in_profiler_bytes() {
     allocprof::set_sample_rate(4096);
     let kept = workload();

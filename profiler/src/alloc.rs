@@ -117,7 +117,7 @@ fn on_alloc_slow(ptr: *mut u8, size: usize) {
     if let Some(rate) = thread::alloc_event(size) {
         let marker = 0u8;
         if let Some(_mark) = ReentrancyGuard::enter() {
-            let _hidden = thread::HiddenRegion::begin();
+            let _hidden = thread::Region::hidden();
             sample(
                 ptr as usize,
                 size,

@@ -6,7 +6,7 @@
 //! sampled, so the profiler can never re-enter itself and can never try to take a lock it
 //! already holds. They count in the exact totals, except on the sampled path, which also
 //! hides its allocations (the stack table's storage) from the totals: see
-//! `thread::HiddenRegion`.
+//! `thread::Region`.
 
 use crate::thread;
 use std::marker::PhantomData;

@@ -12,6 +12,7 @@ use crate::guard::ReentrancyGuard;
 use crate::lock::{ForkLock, Mutex};
 use crate::stack::LookupAddress;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 /// One function at an address: the address's own function, or one inlined into it.
@@ -33,6 +34,9 @@ pub struct SymbolFrame {
 pub type Symbols = Arc<[SymbolFrame]>;
 
 static CACHE: Mutex<Option<HashMap<usize, Symbols>>> = Mutex::new(None);
+/// Net bytes the symbolizer (the `backtrace` crate's DWARF caches and our cache) has
+/// allocated and not freed, measured on the threads that symbolize.
+static SYMBOLIZER_BYTES: AtomicI64 = AtomicI64::new(0);
 /// Held around every call into the `backtrace` symbolizer, whose own global lock we
 /// cannot reach from a fork handler; holding ours across `fork` keeps the child from
 /// inheriting theirs locked. Lock order: SYMBOLIZER, then CACHE.
@@ -62,11 +66,15 @@ pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
         Vec::new()
     } else {
         let _symbolizer = SYMBOLIZER.lock();
+        let _measure = crate::thread::Region::counted(&SYMBOLIZER_BYTES);
         missing.into_iter().map(|a| (a, resolve(a))).collect()
     };
     let mut cache = CACHE.lock();
     let cache = cache.get_or_insert_with(HashMap::new);
-    cache.extend(resolved);
+    {
+        let _measure = crate::thread::Region::counted(&SYMBOLIZER_BYTES);
+        cache.extend(resolved);
+    }
     addrs
         .iter()
         .map(|a| {
@@ -78,21 +86,13 @@ pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
         .collect()
 }
 
-/// Number of cached addresses and an estimate of the cache's bytes.
+/// Number of cached addresses, and the bytes the symbolizer holds: everything allocated
+/// while resolving (the `backtrace` crate's parsed debug information, which it keeps) and
+/// the growth of our cache, less what was freed there.
 pub(crate) fn cache_size() -> (usize, usize) {
-    let cache = CACHE.lock();
-    let Some(cache) = cache.as_ref() else {
-        return (0, 0);
-    };
-    let bytes = cache
-        .values()
-        .flat_map(|s| s.iter())
-        .map(|f| {
-            std::mem::size_of::<SymbolFrame>() + f.name.len() + f.system_name.len() + f.file.len()
-        })
-        .sum::<usize>()
-        + cache.capacity() * (std::mem::size_of::<(usize, Symbols)>() + 1);
-    (cache.len(), bytes)
+    let entries = CACHE.lock().as_ref().map_or(0, HashMap::len);
+    let bytes = SYMBOLIZER_BYTES.load(Ordering::Relaxed).max(0) as usize;
+    (entries, bytes)
 }
 
 fn resolve(addr: usize) -> Symbols {

@@ -298,42 +298,68 @@ fn start_thread(s: &ThreadState) {
     s.busy.set(false);
 }
 
-/// While alive, the calling thread's allocations and frees are left out of the exact
-/// totals and of the sampling countdown: used around the sampled path, whose only
-/// allocations are the stack table's own storage. That storage is reported as
-/// `Stats::profiler_bytes` instead, and it is only ever reallocated or freed inside
-/// another such region, so the totals stay consistent. Export work is *not* hidden: what
-/// it allocates may be freed by the caller later, so it must be counted both ways.
+/// A stretch of this thread's work whose allocations and frees are measured apart from
+/// the program's, without touching the fast path: it saves the four fast-path cells, sets
+/// the countdowns out of reach (so no slow event fires inside), and on drop reads what
+/// the region consumed and restores the cells.
 ///
-/// Costs nothing on the fast path: it saves the four fast-path cells, sets the countdowns
-/// out of reach (so no slow event fires inside), and restores them on drop.
-pub(crate) struct HiddenRegion {
+/// * [`Region::hidden`] leaves the region's allocations out of the exact totals and of
+///   the sampling countdown: used around the sampled path, whose only allocations are the
+///   stack table's own storage. That storage is reported as `Stats::profiler_bytes`
+///   instead, and it is only ever reallocated or freed inside another such region, so the
+///   totals stay consistent.
+/// * [`Region::counted`] publishes the region's allocations and frees to the totals as
+///   usual (what it allocates may be freed later by anyone) and adds its net bytes to
+///   `sink`: used around symbolization, whose caches stay allocated and are reported in
+///   `Stats::profiler_bytes` as well as in the totals.
+pub(crate) struct Region {
     alloc_left: isize,
     alloc_count: u64,
     free_left: isize,
     free_count: u64,
+    sink: Option<&'static std::sync::atomic::AtomicI64>,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
-impl HiddenRegion {
-    pub(crate) fn begin() -> Self {
-        STATE.with(|s| HiddenRegion {
+impl Region {
+    fn begin(sink: Option<&'static std::sync::atomic::AtomicI64>) -> Self {
+        STATE.with(|s| Region {
             alloc_left: s.alloc_left.replace(NEVER),
-            alloc_count: s.alloc_count.get(),
+            alloc_count: s.alloc_count.replace(0),
             free_left: s.free_left.replace(NEVER),
-            free_count: s.free_count.get(),
+            free_count: s.free_count.replace(0),
+            sink,
             _not_send: std::marker::PhantomData,
         })
     }
+
+    /// Leaves the region's allocations out of the totals (see the type's docs).
+    pub(crate) fn hidden() -> Self {
+        Region::begin(None)
+    }
+
+    /// Counts the region's allocations in the totals and its net bytes into `sink`.
+    pub(crate) fn counted(sink: &'static std::sync::atomic::AtomicI64) -> Self {
+        Region::begin(Some(sink))
+    }
 }
 
-impl Drop for HiddenRegion {
+impl Drop for Region {
     fn drop(&mut self) {
         STATE.with(|s| {
-            s.alloc_left.set(self.alloc_left);
-            s.alloc_count.set(self.alloc_count);
-            s.free_left.set(self.free_left);
-            s.free_count.set(self.free_count);
+            let allocated = NEVER.wrapping_sub(s.alloc_left.replace(self.alloc_left));
+            let allocations = s.alloc_count.replace(self.alloc_count);
+            let freed = NEVER.wrapping_sub(s.free_left.replace(self.free_left));
+            let frees = s.free_count.replace(self.free_count);
+            if let Some(sink) = self.sink {
+                TOTALS
+                    .alloc_bytes
+                    .fetch_add(allocated as u64, Ordering::Relaxed);
+                TOTALS.alloc_count.fetch_add(allocations, Ordering::Relaxed);
+                TOTALS.free_bytes.fetch_add(freed as u64, Ordering::Relaxed);
+                TOTALS.free_count.fetch_add(frees, Ordering::Relaxed);
+                sink.fetch_add(allocated as i64 - freed as i64, Ordering::Relaxed);
+            }
         });
     }
 }
