@@ -2,6 +2,9 @@
 //! `coexist`). Each program is its own process with `allocprof::Profiler` as its
 //! global allocator.
 
+#[cfg(feature = "cpu")]
+pub mod coexist;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 
