@@ -15,11 +15,14 @@
 //!
 //! # The unwinders
 //!
-//! | name | how | cost at depth 30 | needs |
-//! |---|---|---|---|
-//! | `fp` | frame-pointer chain, bounds-checked ([`fp`]); frames outside the main program (glibc's thread and process start) finished with `dwarf` | ~0.1 µs | `-C force-frame-pointers=yes` |
-//! | `dwarf` | `.eh_frame` rules evaluated by framehop, cached per address ([`dwarf`]) | < 1 µs once warm | nothing (Linux x86_64) |
-//! | `libgcc` | the `backtrace` crate over `_Unwind_Backtrace` ([`libgcc`]) | 4–8 µs | nothing |
+//! | name | how | per frame | one sampled allocation, depth 30 | needs |
+//! |---|---|---|---|---|
+//! | `fp` | frame-pointer chain, bounds-checked ([`fp`]); frames outside the main program (glibc's thread and process start) finished with `dwarf` once per thread ([`tail`]) | ~3 ns | 0.23–0.33 µs | `-C force-frame-pointers=yes` |
+//! | `dwarf` | `.eh_frame` rules evaluated by framehop, cached per address ([`dwarf`]) | ~11 ns warm, ~1 µs a cache miss | 0.6–0.65 µs | nothing (Linux x86_64) |
+//! | `libgcc` | the `backtrace` crate over `_Unwind_Backtrace` ([`libgcc`]) | ~100 ns | 4.8 µs | nothing |
+//!
+//! (Criterion, `benches/benches/sampled.rs`, 2-CPU AMD EPYC; the sampled allocation
+//! includes the table and live-set updates and the free. See `benches/README.md`.)
 //!
 //! All three produce the same stacks (tested in `tests.rs`). The choice is made once per
 //! process: `ALLOCPROF_UNWINDER=fp|dwarf|libgcc` if set, else `fp` when this crate was
