@@ -10,7 +10,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 #[global_allocator]
-static ALLOC: allocprof::Profiler<std::alloc::System> = allocprof::Profiler::new(std::alloc::System);
+static ALLOC: allocprof::Profiler<std::alloc::System> =
+    allocprof::Profiler::new(std::alloc::System);
 
 fn bench(c: &mut Criterion) {
     allocprof::set_max_stacks(200_000);
@@ -32,7 +33,12 @@ fn bench(c: &mut Criterion) {
         });
         let profile = allocprof::snapshot().to_profile();
         g.bench_function(BenchmarkId::new("encode", n), |b| {
-            b.iter(|| black_box(allocprof::pprof::encode(&profile, allocprof::ProfileKind::Heap)))
+            b.iter(|| {
+                black_box(allocprof::pprof::encode(
+                    &profile,
+                    allocprof::ProfileKind::Heap,
+                ))
+            })
         });
     }
     g.finish();

@@ -55,7 +55,9 @@ pub fn nest<R>(depth: usize, f: &mut dyn FnMut() -> R) -> R {
 #[inline(never)]
 pub fn small_strings(seed: u64, iters: usize) -> u64 {
     let keys = 1000u64;
-    let mut map: HashMap<String, u64> = (0..keys).map(|i| (format!("user:{i}:session"), i)).collect();
+    let mut map: HashMap<String, u64> = (0..keys)
+        .map(|i| (format!("user:{i}:session"), i))
+        .collect();
     let mut rng = Rng(seed | 1);
     let mut sum = 0u64;
     for _ in 0..iters {
@@ -133,7 +135,10 @@ pub fn default_iters(workload: &str) -> usize {
 pub fn workload_main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(workload) = args.get(1).cloned() else {
-        eprintln!("usage: {} strings|churn|large [iterations-per-thread]", args[0]);
+        eprintln!(
+            "usage: {} strings|churn|large [iterations-per-thread]",
+            args[0]
+        );
         std::process::exit(2);
     };
     let f: fn(u64, usize) -> u64 = match workload.as_str() {
@@ -152,7 +157,9 @@ pub fn workload_main() {
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             std::thread::spawn(move || {
-                nest(NEST, &mut || f(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1), iters))
+                nest(NEST, &mut || {
+                    f(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1), iters)
+                })
             })
         })
         .collect();
@@ -174,7 +181,19 @@ fn hop<const K: usize>(path: &[u8], leaf: &mut dyn FnMut()) {
     black_box(K);
 }
 
-static HOPS: [fn(&[u8], &mut dyn FnMut()); FAN] = [hop::<0>, hop::<1>, hop::<2>, hop::<3>, hop::<4>, hop::<5>, hop::<6>, hop::<7>, hop::<8>, hop::<9>, hop::<10>, hop::<11>, hop::<12>, hop::<13>, hop::<14>, hop::<15>, hop::<16>, hop::<17>, hop::<18>, hop::<19>, hop::<20>, hop::<21>, hop::<22>, hop::<23>, hop::<24>, hop::<25>, hop::<26>, hop::<27>, hop::<28>, hop::<29>, hop::<30>, hop::<31>, hop::<32>, hop::<33>, hop::<34>, hop::<35>, hop::<36>, hop::<37>, hop::<38>, hop::<39>, hop::<40>, hop::<41>, hop::<42>, hop::<43>, hop::<44>, hop::<45>, hop::<46>, hop::<47>, hop::<48>, hop::<49>, hop::<50>, hop::<51>, hop::<52>, hop::<53>, hop::<54>, hop::<55>, hop::<56>, hop::<57>, hop::<58>, hop::<59>, hop::<60>, hop::<61>, hop::<62>, hop::<63>];
+/// One level of [`at_stack`]: the rest of the path, and the leaf to call at its end.
+type Hop = fn(&[u8], &mut dyn FnMut());
+
+static HOPS: [Hop; FAN] = [
+    hop::<0>, hop::<1>, hop::<2>, hop::<3>, hop::<4>, hop::<5>, hop::<6>, hop::<7>, hop::<8>,
+    hop::<9>, hop::<10>, hop::<11>, hop::<12>, hop::<13>, hop::<14>, hop::<15>, hop::<16>,
+    hop::<17>, hop::<18>, hop::<19>, hop::<20>, hop::<21>, hop::<22>, hop::<23>, hop::<24>,
+    hop::<25>, hop::<26>, hop::<27>, hop::<28>, hop::<29>, hop::<30>, hop::<31>, hop::<32>,
+    hop::<33>, hop::<34>, hop::<35>, hop::<36>, hop::<37>, hop::<38>, hop::<39>, hop::<40>,
+    hop::<41>, hop::<42>, hop::<43>, hop::<44>, hop::<45>, hop::<46>, hop::<47>, hop::<48>,
+    hop::<49>, hop::<50>, hop::<51>, hop::<52>, hop::<53>, hop::<54>, hop::<55>, hop::<56>,
+    hop::<57>, hop::<58>, hop::<59>, hop::<60>, hop::<61>, hop::<62>, hop::<63>,
+];
 
 /// Calls `leaf` from stack number `id`: `LEVELS` levels of [`FAN`] distinct functions,
 /// so ids below `FAN^LEVELS` (262 144) give distinct stacks.

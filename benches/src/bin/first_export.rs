@@ -7,7 +7,8 @@
 use std::time::Instant;
 
 #[global_allocator]
-static ALLOC: allocprof::Profiler<std::alloc::System> = allocprof::Profiler::new(std::alloc::System);
+static ALLOC: allocprof::Profiler<std::alloc::System> =
+    allocprof::Profiler::new(std::alloc::System);
 
 fn main() {
     let n: usize = std::env::args()
@@ -27,7 +28,9 @@ fn main() {
     let t = Instant::now();
     let second = allocprof::heap_pprof();
     let second_s = t.elapsed().as_secs_f64();
-    let exe = std::fs::metadata("/proc/self/exe").map(|m| m.len()).unwrap_or(0);
+    let exe = std::fs::metadata("/proc/self/exe")
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!(
         "first_export stacks={} binary_bytes={} first_ms={:.1} second_ms={:.1} \
          rss_growth_mib={:.1} peak_growth_mib={:.1} profile_bytes={} profiler_bytes={}",

@@ -1,6 +1,7 @@
 //! Workloads over allocprof wrapping System, at the default 512 KiB sampling rate.
 #[global_allocator]
-static ALLOC: allocprof::Profiler<std::alloc::System> = allocprof::Profiler::new(std::alloc::System);
+static ALLOC: allocprof::Profiler<std::alloc::System> =
+    allocprof::Profiler::new(std::alloc::System);
 
 fn main() {
     allocprof_benches::workload_main();

@@ -5,7 +5,10 @@ static ALLOC: mimalloc_pprof::MiMalloc = mimalloc_pprof::MiMalloc;
 
 fn main() {
     if std::env::var_os("BENCH_PROFILE").is_some_and(|v| v == "1") {
-        assert!(mimalloc_pprof::prof::start(0), "mimalloc-pprof profiler did not start");
+        assert!(
+            mimalloc_pprof::prof::start(0),
+            "mimalloc-pprof profiler did not start"
+        );
     }
     allocprof_benches::workload_main();
 }
