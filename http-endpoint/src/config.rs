@@ -15,7 +15,7 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Default cap on a `POST /debug/pprof/symbol` body, in bytes (≈ 3,500 addresses).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 /// Default number of connections the standalone server serves at once.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default number of `?seconds=N` requests that may wait at once.
 pub const DEFAULT_MAX_WAITING_DELTAS: usize = 16;
 
@@ -38,7 +38,7 @@ pub const ENV_MAX_SECONDS: &str = "ALLOCPROF_HTTP_MAX_SECONDS";
 /// | [`read_timeout`](Config::read_timeout) | 10 s | |
 /// | [`max_header_bytes`](Config::max_header_bytes) | 16 KiB | |
 /// | [`max_body_bytes`](Config::max_body_bytes) | 64 KiB | |
-/// | [`max_connections`](Config::max_connections) | 128 | |
+/// | [`max_connections`](Config::max_connections) | 1024 | |
 /// | [`max_waiting_deltas`](Config::max_waiting_deltas) | 16 | |
 /// | [`prefix`](Config::prefix) | `/debug/pprof` | |
 #[derive(Clone)]
@@ -172,8 +172,8 @@ impl Config {
         self
     }
 
-    /// How many connections the standalone server serves at once; further ones wait in
-    /// the listen backlog.
+    /// How many connections the standalone server serves at once; a further one is
+    /// answered 503 and closed.
     pub fn max_connections(mut self, n: usize) -> Config {
         self.max_connections = n.max(1);
         self

@@ -129,7 +129,9 @@
 //! * Headers: at most 16 KiB and 100 headers (431 and a closed connection beyond), sent
 //!   within 10 s (then the connection is closed; idle keep-alive connections too).
 //! * `/symbol` bodies: at most 64 KiB (413), sent within 10 s (408).
-//! * At most 128 connections at once (standalone); further ones wait in the backlog.
+//! * At most 1024 connections at once (standalone; an idle one costs a few KiB); a
+//!   connection beyond that is answered `503` at once and closed, so idle or slow clients
+//!   can delay nobody for longer than the 10 s read timeout that ends them.
 //! * Concurrent requests for the same profile share one build; at most two builds run
 //!   at once. A delta request whose client disconnects stops
 //!   waiting at once.

@@ -132,9 +132,43 @@ impl Config {
     }
 }
 
+/// Answers a connection beyond `max_connections` with a 503 and closes it.
+async fn refuse(stream: tokio::net::TcpStream) {
+    const BODY: &str = "too many connections\n";
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         X-Content-Type-Options: nosniff\r\nX-Go-Pprof: 1\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // The reply fits any socket send buffer: one non-blocking write, then close.
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), stream.writable()).await {
+        let _ = stream.try_write(reply.as_bytes());
+    }
+    // Read what the client sent (up to 64 KiB, for at most a second) before closing:
+    // closing with unread data makes the kernel reset the connection, and the client may
+    // then lose the reply.
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 64 * 1024 {
+            if stream.readable().await.is_err() {
+                break;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => drained += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 /// The accept loop. Each connection is served by hyper with a header read timeout
 /// (which also ends idle keep-alive connections) and a cap on header size; at most
-/// `max_connections` are served at once.
+/// `max_connections` are served at once, further ones get a 503 (see [`refuse`]).
 async fn run(
     listener: std::net::TcpListener,
     pprof: Pprof,
@@ -159,13 +193,6 @@ async fn run(
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut stopping = Some(stop);
     loop {
-        let slot = tokio::select! {
-            () = crate::collect::shutting_down(&mut stopping) => break,
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
         let stream = tokio::select! {
             () = crate::collect::shutting_down(&mut stopping) => break,
             accepted = listener.accept() => match accepted {
@@ -177,6 +204,12 @@ async fn run(
                     continue;
                 }
             },
+        };
+        // Keep accepting when full: waiting for a slot before `accept` let idle clients
+        // hold every slot while new ones queued in the backlog for many seconds.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let conn = builder.serve_connection(TokioIo::new(stream), pprof.clone());

@@ -302,3 +302,28 @@ fn keep_alive_then_idle_close() {
     assert!(rest.is_empty());
     server.shutdown();
 }
+
+#[test]
+fn connections_beyond_the_cap_get_503_at_once_and_slots_free_up() {
+    let server = Config::new()
+        .addr("127.0.0.1:0")
+        .read_timeout(Duration::from_secs(2))
+        .max_connections(2)
+        .serve()
+        .expect("serve");
+    let addr = server.local_addr();
+    // Two idle clients hold both slots.
+    let idle: Vec<std::net::TcpStream> = (0..2).map(|_| connect(addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let r = get(addr, "/debug/pprof/heap");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.text(), "too many connections\n");
+    // The server closes the idle ones after its read timeout, freeing their slots,
+    // while they are still open on the client side.
+    wait_for("a free slot", LIMIT, || {
+        get(addr, "/debug/pprof/heap").status == 200
+    });
+    still_serving(addr, "the connection cap");
+    drop(idle);
+    server.shutdown();
+}

@@ -72,11 +72,15 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
         if live::contains(ptr as usize) {
             on_sampled_free(ptr as usize);
         }
-        // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
-        unsafe { self.inner.dealloc(ptr, layout) };
         if thread::on_free(layout.size()) {
             thread::free_event();
         }
+        // The real free comes last, as a tail call: with bookkeeping after it, LLVM moved
+        // the stack adjustment ahead of the branch while the unwind tables changed only
+        // after it, and a signal-handler unwinder (pprof-rs's CPU profiler) landing on
+        // those instructions read a garbage return address (tests in reliability/).
+        // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
+        unsafe { self.inner.dealloc(ptr, layout) };
     }
 
     #[inline]
