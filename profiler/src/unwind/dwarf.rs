@@ -49,7 +49,7 @@ use framehop::{
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, Range};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 /// Section data borrowed from the loaded image of an object.
 #[derive(Clone, Copy, Default)]
@@ -145,6 +145,20 @@ const FREE_SLOT: Slot = Slot {
 };
 static CACHES: [Slot; SLOTS] = [FREE_SLOT; SLOTS];
 
+/// Slots whose caches have been created.
+static CREATED: AtomicUsize = AtomicUsize::new(0);
+
+/// Heap bytes of one slot's caches, approximately: framehop's rule cache (509 entries of
+/// 24 bytes) and gimli's unwind context for CFI evaluation (four rows of 192 register
+/// rules of 32 bytes) per way.
+const SLOT_BYTES: usize = WAYS * (509 * 24 + 4 * 192 * 32 + 512);
+
+/// Heap memory held by the DWARF unwinder's caches (approximate; the module list adds a
+/// few hundred bytes per loaded object and the section data are borrowed, not copied).
+pub(super) fn memory_bytes() -> usize {
+    CREATED.load(Ordering::Relaxed) * SLOT_BYTES
+}
+
 /// A held rule cache; released on drop.
 struct SlotGuard(&'static Slot);
 
@@ -170,7 +184,10 @@ impl SlotGuard {
         // SAFETY: this guard holds the slot's try-lock, so no other reference to the cell's
         // contents exists; the returned borrow ends before the guard releases the lock.
         let cell = unsafe { &mut *self.0.caches.get() };
-        cell.get_or_insert_with(|| Box::new(std::array::from_fn(|_| Cache::new_in())))
+        cell.get_or_insert_with(|| {
+            CREATED.fetch_add(1, Ordering::Relaxed);
+            Box::new(std::array::from_fn(|_| Cache::new_in()))
+        })
     }
 }
 

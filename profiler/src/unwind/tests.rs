@@ -185,6 +185,10 @@ fn warm_capture_does_not_allocate() {
     assert_eq!(after - before, 0, "captures with {unwinders:?} allocated");
     // The captures did real work: every stack holds this test's frames.
     assert!(bufs.iter().all(|b| b.as_slice().len() >= 3));
+    // And the DWARF unwinder's caches are accounted for.
+    if Unwinder::Dwarf.available() {
+        assert!(super::memory_bytes() >= 100 * 1024);
+    }
 }
 
 #[test]
