@@ -14,7 +14,6 @@ use crate::stack::StackBuf;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Counts allocations made by threads that turned counting on; otherwise `System`.
 ///
@@ -22,15 +21,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// unless a test turns it on for its own thread, so other tests are unaffected.
 struct Counting;
 
-static COUNTED: AtomicUsize = AtomicUsize::new(0);
-
 thread_local! {
     static COUNT_HERE: Cell<bool> = const { Cell::new(false) };
+    /// Allocations this thread made while counting (per thread, so that tests running
+    /// in parallel do not see each other's).
+    static COUNTED: Cell<usize> = const { Cell::new(0) };
 }
 
 fn note_alloc() {
     if COUNT_HERE.try_with(Cell::get).unwrap_or(false) {
-        COUNTED.fetch_add(1, Ordering::Relaxed);
+        let _ = COUNTED.try_with(|c| c.set(c.get() + 1));
     }
 }
 
@@ -169,7 +169,7 @@ fn warm_capture_does_not_allocate() {
     let marker = 0u8;
     let marker = std::ptr::addr_of!(marker) as usize;
     let mut bufs: Vec<StackBuf> = (0..100).map(|_| StackBuf::new()).collect();
-    let before = COUNTED.load(Ordering::Relaxed);
+    let before = COUNTED.get();
     COUNT_HERE.set(true);
     let mut used = Vec::with_capacity(0);
     for (i, buf) in bufs.iter_mut().enumerate() {
@@ -180,7 +180,7 @@ fn warm_capture_does_not_allocate() {
         }
     }
     COUNT_HERE.set(false);
-    let after = COUNTED.load(Ordering::Relaxed);
+    let after = COUNTED.get();
     assert!(used.is_empty(), "fell back: {used:?}");
     assert_eq!(after - before, 0, "captures with {unwinders:?} allocated");
     // The captures did real work: every stack holds this test's frames.
@@ -194,12 +194,12 @@ fn warm_capture_does_not_allocate() {
 #[test]
 fn the_counting_allocator_counts() {
     // The no-allocation test above can fail: a Box made while counting is seen.
-    let before = COUNTED.load(Ordering::Relaxed);
+    let before = COUNTED.get();
     COUNT_HERE.set(true);
     let b = black_box(Box::new(7u64));
     COUNT_HERE.set(false);
     drop(b);
-    assert_eq!(COUNTED.load(Ordering::Relaxed) - before, 1);
+    assert_eq!(COUNTED.get() - before, 1);
 }
 
 #[cfg(all(
