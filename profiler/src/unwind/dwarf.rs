@@ -94,7 +94,8 @@ static GLOBAL: Global = Global {
 };
 
 /// Number of sets of rule caches (concurrent captures served without falling back).
-const SLOTS: usize = 4;
+/// Created on first use, so an unused slot costs 16 bytes.
+const SLOTS: usize = 8;
 
 /// framehop caches per slot, chosen by address (see the module docs).
 const WAYS: usize = 4;
@@ -152,6 +153,21 @@ static CREATED: AtomicUsize = AtomicUsize::new(0);
 /// 24 bytes) and gimli's unwind context for CFI evaluation (four rows of 192 register
 /// rules of 32 bytes) per way.
 const SLOT_BYTES: usize = WAYS * (509 * 24 + 4 * 192 * 32 + 512);
+
+/// Creates the caches of every free slot (tests: so that later captures cannot allocate).
+#[cfg(test)]
+pub(super) fn warm_all_caches() {
+    for slot in &CACHES {
+        if slot
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            let mut guard = SlotGuard(slot);
+            guard.caches();
+        }
+    }
+}
 
 /// Heap memory held by the DWARF unwinder's caches (approximate; the module list adds a
 /// few hundred bytes per loaded object and the section data are borrowed, not copied).

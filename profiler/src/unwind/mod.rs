@@ -179,7 +179,7 @@ pub(crate) fn compiled_with_frame_pointers() -> bool {
 }
 
 /// Heap bytes the unwinders hold (the DWARF unwinder's rule caches, created per
-/// concurrently capturing thread, at most four sets of about 150 KiB), for
+/// concurrently capturing thread, at most eight sets of about 150 KiB), for
 /// `Stats::profiler_bytes`.
 #[allow(dead_code)] // until stats.rs adds it
 pub(crate) fn memory_bytes() -> usize {
@@ -191,6 +191,13 @@ pub(crate) fn memory_bytes() -> usize {
     {
         0
     }
+}
+
+/// Creates every rule cache now (tests of the no-allocation property).
+#[cfg(test)]
+fn warm_all_caches() {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    dwarf::warm_all_caches();
 }
 
 /// Captures the calling thread's stack into `buf`, leaf first, with the process's
