@@ -4,10 +4,14 @@
 //! answer must be cheap and lock-free (DESIGN invariant 5), so the set is an
 //! open-addressing hash table of atomic words in static memory:
 //!
-//! * **Readers** (every free and realloc) hash the pointer and probe with plain atomic
-//!   loads until they find it or an empty slot. With the table at most half full the
-//!   expected probe count for an absent pointer is about 2.5 slots, usually in one cache
-//!   line. No lock, no read-modify-write.
+//! * **Readers** (every free and realloc) hash the pointer and first test one bit of an
+//!   8 KiB filter (65536 bits, one per hash bucket, set while any tracked pointer hashes
+//!   there). The filter stays in the L1 cache, so the common answer — not sampled — costs
+//!   one cached load, where probing the 1 MiB slot table directly missed the cache on
+//!   frees of scattered pointers. Only when the bit is set (the pointer is sampled, or
+//!   shares a bucket with one: about `live / 65536` of frees) do they probe the slots with
+//!   plain atomic loads until they find it or an empty slot. No lock, no
+//!   read-modify-write.
 //! * **Writers** (sampled allocations and frees of sampled objects, one per 512 KiB on
 //!   average) are serialized by one mutex, which also guards the per-slot metadata.
 //!
@@ -19,8 +23,8 @@
 //! the probe path of a present pointer is never made empty (the chain from its home slot
 //! to it contains no empty slot, so no tombstone on it is followed by an empty slot).
 //!
-//! The table lives in `.bss`: 2^17 slots (1 MiB) plus metadata (3 MiB), untouched pages
-//! cost nothing. At most [`MAX_LIVE`] sampled objects are tracked at once — at the
+//! The table lives in `.bss`: 2^17 slots (1 MiB), their metadata (3 MiB), the filter
+//! (8 KiB) and its per-bit counts (256 KiB); untouched pages cost nothing. At most [`MAX_LIVE`] sampled objects are tracked at once — at the
 //! default rate that is about 32 GiB of live sampled heap; beyond it new samples are
 //! still counted as allocations but their frees cannot be credited, and
 //! `Stats::untracked_samples` says how many.
@@ -53,15 +57,24 @@ const NO_META: LiveMeta = LiveMeta {
     weight: 0.0,
 };
 
+const FILTER_BITS: u32 = 16;
+
 struct Writer {
     meta: [LiveMeta; CAP],
+    /// Tracked pointers per filter bit.
+    filter_counts: [u32; 1 << FILTER_BITS],
     live: usize,
     tombstones: usize,
 }
 
 static SLOTS: [AtomicUsize; CAP] = [const { AtomicUsize::new(EMPTY) }; CAP];
+/// Bit `b` is set iff some tracked pointer has filter index `b`. Set before the pointer's
+/// slot is published and cleared after it is removed, both under the writer lock.
+static FILTER: [AtomicU64; 1 << (FILTER_BITS - 6)] =
+    [const { AtomicU64::new(0) }; 1 << (FILTER_BITS - 6)];
 static WRITER: Mutex<Writer> = Mutex::new(Writer {
     meta: [NO_META; CAP],
+    filter_counts: [0; 1 << FILTER_BITS],
     live: 0,
     tombstones: 0,
 });
@@ -69,13 +82,38 @@ static UNTRACKED: AtomicU64 = AtomicU64::new(0);
 static LIVE_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 #[inline(always)]
+fn hash(ptr: usize) -> u64 {
+    (ptr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[inline(always)]
 fn home(ptr: usize) -> usize {
-    ((ptr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BITS)) as usize
+    (hash(ptr) >> (64 - BITS)) as usize
+}
+
+/// The pointer's filter bit: (word, mask). Independent bits of the hash from `home`'s
+/// top bits would not help: what matters is that it is cheap and spreads pointers.
+#[inline(always)]
+fn filter_bit(ptr: usize) -> (usize, u64) {
+    let b = ((hash(ptr) >> 24) & ((1 << FILTER_BITS) - 1)) as usize;
+    (b >> 6, 1 << (b & 63))
 }
 
 /// Is `ptr` a tracked sampled allocation? Lock-free; the common answer is `false`.
 #[inline(always)]
 pub(crate) fn contains(ptr: usize) -> bool {
+    let (word, mask) = filter_bit(ptr);
+    // Acquire pairs with the Release in `insert`: a pointer handed to this thread after
+    // its insertion has its bit visible here.
+    if FILTER[word].load(Ordering::Acquire) & mask == 0 {
+        return false;
+    }
+    probe(ptr)
+}
+
+#[cold]
+#[inline(never)]
+fn probe(ptr: usize) -> bool {
     let mut i = home(ptr);
     // Bounded: the table always keeps empty slots (MAX_USED < CAP), but a bound costs
     // nothing and makes termination obvious.
@@ -114,6 +152,12 @@ pub(crate) fn insert(ptr: usize, meta: LiveMeta) -> bool {
             w.meta[i] = meta;
             w.live += 1;
             LIVE_COUNT.store(w.live, Ordering::Relaxed);
+            let (word, mask) = filter_bit(ptr);
+            let b = word * 64 + mask.trailing_zeros() as usize;
+            w.filter_counts[b] += 1;
+            if w.filter_counts[b] == 1 {
+                FILTER[word].fetch_or(mask, Ordering::Release);
+            }
             // Release: the owner's later lookup (after a happens-before hand-over) sees it.
             SLOTS[i].store(ptr, Ordering::Release);
             return true;
@@ -155,6 +199,12 @@ pub(crate) fn remove(ptr: usize) -> Option<LiveMeta> {
             } else {
                 SLOTS[i].store(TOMBSTONE, Ordering::Release);
                 w.tombstones += 1;
+            }
+            let (word, mask) = filter_bit(ptr);
+            let b = word * 64 + mask.trailing_zeros() as usize;
+            w.filter_counts[b] -= 1;
+            if w.filter_counts[b] == 0 {
+                FILTER[word].fetch_and(!mask, Ordering::Release);
             }
             return Some(meta);
         }
