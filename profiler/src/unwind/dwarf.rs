@@ -154,6 +154,20 @@ static CREATED: AtomicUsize = AtomicUsize::new(0);
 /// rules of 32 bytes) per way.
 const SLOT_BYTES: usize = WAYS * (509 * 24 + 4 * 192 * 32 + 512);
 
+/// In a child process after `fork`: only the forking thread survives, so slots that other
+/// threads held at the fork, and a module list another thread was building, would stay
+/// taken forever. Frees them (a half-built list is abandoned, never read).
+///
+/// Call only in the child, from the `pthread_atfork` child handler. Does not allocate.
+pub(super) fn reset_after_fork_in_child() {
+    for slot in &CACHES {
+        slot.busy.store(false, Ordering::Release);
+    }
+    let _ = GLOBAL
+        .state
+        .compare_exchange(BUILDING, UNINIT, Ordering::AcqRel, Ordering::Relaxed);
+}
+
 /// Creates the caches of every free slot (tests: so that later captures cannot allocate).
 #[cfg(test)]
 pub(super) fn warm_all_caches() {

@@ -193,6 +193,14 @@ pub(crate) fn memory_bytes() -> usize {
     }
 }
 
+/// For the `pthread_atfork` child handler (`fork.rs`): releases unwinder state that
+/// threads which do not exist in the child held at the fork. Does not allocate.
+#[allow(dead_code)] // until fork.rs calls it
+pub(crate) fn reset_after_fork_in_child() {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    dwarf::reset_after_fork_in_child();
+}
+
 /// Creates every rule cache now (tests of the no-allocation property).
 #[cfg(test)]
 fn warm_all_caches() {
