@@ -10,7 +10,9 @@
 //!   overflow — so no other thread is inside a critical section at the instant of the
 //!   fork and the table is consistent in the child;
 //! * **parent**: release them in reverse order;
-//! * **child**: reset them to unlocked (the child has one thread and no waiters).
+//! * **child**: reset them to unlocked (the child has one thread and no waiters), and
+//!   release the DWARF unwinder's try-locked cache slots, which a vanished thread may
+//!   have held (the child would otherwise fall back to libgcc for good).
 //!
 //! The fixed order and the rule that no code path takes two of these locks except
 //! symbolizer → cache (never the reverse) mean prepare cannot deadlock with a thread
@@ -57,6 +59,7 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    crate::unwind::reset_after_fork_in_child();
     TABLE.fork_child();
     live::fork_lock().fork_child();
     symbolize::fork_locks().iter().for_each(|l| l.fork_child());

@@ -230,6 +230,7 @@ pub fn is_internal_function(name: &str) -> bool {
         "__rdl_",
         "alloc::alloc::",
         "<alloc::alloc::Global as core::alloc::Allocator>",
+        "<alloc::alloc::Global>::",
         "std::alloc::",
         "<std::alloc::System as core::alloc::global::GlobalAlloc>",
         "core::alloc::global::GlobalAlloc::",
@@ -304,8 +305,11 @@ impl Snapshot {
     }
 }
 
+/// A leaf-side location is the profiler's when the function that contains the address
+/// (the last, outermost frame) is: whatever was inlined into `__rust_alloc` or the
+/// wrapper is machinery too, even where debug info gives inlined frames short names.
 fn all_internal(symbols: &Symbols) -> bool {
-    !symbols.is_empty() && symbols.iter().all(|f| is_internal_function(&f.name))
+    symbols.last().is_some_and(|f| is_internal_function(&f.name))
 }
 
 struct Builder {

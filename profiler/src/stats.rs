@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 /// # Staleness
 ///
 /// The totals are exact but published lazily: each thread keeps up to
-/// [`Stats::FLUSH_BYTES`] (64 KiB) of allocation, and as much of freeing, in thread-local
+/// [`Stats::FLUSH_BYTES`] (256 KiB) of allocation, and as much of freeing, in thread-local
 /// counters before adding them to the process-wide totals, so that the allocator's fast
 /// path needs no atomic read-modify-write. A call to [`stats`] first publishes the calling
 /// thread's own counters, so the figures are behind by at most
@@ -45,8 +45,8 @@ pub struct Stats {
     pub dropped_samples: u64,
     /// Samples whose free could not be tracked because the live set was full.
     pub untracked_samples: u64,
-    /// Bytes the profiler itself holds: stack table, symbol cache and the touched part
-    /// of the live set (an upper bound for it).
+    /// Bytes the profiler itself holds: the stack table, the symbolizer's caches, the
+    /// unwinder's rule caches and the touched part of the live set (an upper bound).
     pub profiler_bytes: u64,
     /// Addresses in the symbol cache.
     pub symbol_cache_entries: u64,
@@ -82,10 +82,10 @@ impl Stats {
 /// one short lock of the symbol cache. See [`Stats`] for how fresh the totals are.
 pub fn stats() -> Stats {
     crate::thread::flush_current();
-    let allocated_bytes = TOTALS.alloc_bytes.load(Ordering::Relaxed);
-    let allocations = TOTALS.alloc_count.load(Ordering::Relaxed);
-    let freed_bytes = TOTALS.free_bytes.load(Ordering::Relaxed);
-    let frees = TOTALS.free_count.load(Ordering::Relaxed);
+    let allocated_bytes = TOTALS.alloc.bytes.load(Ordering::Relaxed);
+    let allocations = TOTALS.alloc.count.load(Ordering::Relaxed);
+    let freed_bytes = TOTALS.free.bytes.load(Ordering::Relaxed);
+    let frees = TOTALS.free.count.load(Ordering::Relaxed);
     let (symbols, symbol_bytes) = symbolize::cache_size();
     let live_samples = live::live_count() as u64;
     // The live set's static pages are touched only as samples land in them: each
@@ -106,7 +106,8 @@ pub fn stats() -> Stats {
         max_stacks: config::max_stacks() as u64,
         dropped_samples: TABLE.dropped_samples(),
         untracked_samples: live::untracked(),
-        profiler_bytes: (TABLE.bytes() + symbol_bytes + live_bytes) as u64,
+        profiler_bytes: (TABLE.bytes() + symbol_bytes + live_bytes + crate::unwind::memory_bytes())
+            as u64,
         symbol_cache_entries: symbols as u64,
     }
 }

@@ -25,7 +25,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest amount of allocation (and, separately, of freeing) a thread keeps unflushed.
-pub(crate) const FLUSH_BYTES: isize = 64 * 1024;
+pub(crate) const FLUSH_BYTES: isize = 256 * 1024;
 
 /// Distance meaning "no sample will ever be taken" (rate 0).
 const NEVER: isize = isize::MAX / 4;
@@ -94,19 +94,30 @@ thread_local! {
     static EXIT_FLUSH: ExitFlush = const { ExitFlush };
 }
 
+/// One direction of the process-wide exact totals, on its own cache lines (128 bytes, the
+/// prefetch pair) so that threads flushing allocations and threads flushing frees do not
+/// contend for one line.
+#[repr(align(128))]
+pub(crate) struct Counter {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) count: AtomicU64,
+}
+
 /// Process-wide exact totals, flushed into by slow events.
 pub(crate) struct Totals {
-    pub(crate) alloc_bytes: AtomicU64,
-    pub(crate) alloc_count: AtomicU64,
-    pub(crate) free_bytes: AtomicU64,
-    pub(crate) free_count: AtomicU64,
+    pub(crate) alloc: Counter,
+    pub(crate) free: Counter,
 }
 
 pub(crate) static TOTALS: Totals = Totals {
-    alloc_bytes: AtomicU64::new(0),
-    alloc_count: AtomicU64::new(0),
-    free_bytes: AtomicU64::new(0),
-    free_count: AtomicU64::new(0),
+    alloc: Counter {
+        bytes: AtomicU64::new(0),
+        count: AtomicU64::new(0),
+    },
+    free: Counter {
+        bytes: AtomicU64::new(0),
+        count: AtomicU64::new(0),
+    },
 };
 
 /// Fast path of an allocation. Returns `true` when the slow path must run.
@@ -207,12 +218,13 @@ fn arm_alloc(s: &ThreadState) {
 fn flush_alloc(s: &ThreadState, consumed: isize) {
     if consumed > 0 {
         TOTALS
-            .alloc_bytes
+            .alloc
+            .bytes
             .fetch_add(consumed as u64, Ordering::Relaxed);
     }
     let count = s.alloc_count.replace(0);
     if count > 0 {
-        TOTALS.alloc_count.fetch_add(count, Ordering::Relaxed);
+        TOTALS.alloc.count.fetch_add(count, Ordering::Relaxed);
     }
 }
 
@@ -241,12 +253,13 @@ fn flush_free(s: &ThreadState) {
     s.free_armed.set(s.free_left.get());
     if consumed > 0 {
         TOTALS
-            .free_bytes
+            .free
+            .bytes
             .fetch_add(consumed as u64, Ordering::Relaxed);
     }
     let count = s.free_count.replace(0);
     if count > 0 {
-        TOTALS.free_count.fetch_add(count, Ordering::Relaxed);
+        TOTALS.free.count.fetch_add(count, Ordering::Relaxed);
     }
 }
 
@@ -353,11 +366,12 @@ impl Drop for Region {
             let frees = s.free_count.replace(self.free_count);
             if let Some(sink) = self.sink {
                 TOTALS
-                    .alloc_bytes
+                    .alloc
+                    .bytes
                     .fetch_add(allocated as u64, Ordering::Relaxed);
-                TOTALS.alloc_count.fetch_add(allocations, Ordering::Relaxed);
-                TOTALS.free_bytes.fetch_add(freed as u64, Ordering::Relaxed);
-                TOTALS.free_count.fetch_add(frees, Ordering::Relaxed);
+                TOTALS.alloc.count.fetch_add(allocations, Ordering::Relaxed);
+                TOTALS.free.bytes.fetch_add(freed as u64, Ordering::Relaxed);
+                TOTALS.free.count.fetch_add(frees, Ordering::Relaxed);
                 sink.fetch_add(allocated as i64 - freed as i64, Ordering::Relaxed);
             }
         });

@@ -181,7 +181,6 @@ pub(crate) fn compiled_with_frame_pointers() -> bool {
 /// Heap bytes the unwinders hold (the DWARF unwinder's rule caches, created per
 /// concurrently capturing thread, at most eight sets of about 150 KiB), for
 /// `Stats::profiler_bytes`.
-#[allow(dead_code)] // until stats.rs adds it
 pub(crate) fn memory_bytes() -> usize {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     {
@@ -195,7 +194,6 @@ pub(crate) fn memory_bytes() -> usize {
 
 /// For the `pthread_atfork` child handler (`fork.rs`): releases unwinder state that
 /// threads which do not exist in the child held at the fork. Does not allocate.
-#[allow(dead_code)] // until fork.rs calls it
 pub(crate) fn reset_after_fork_in_child() {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     dwarf::reset_after_fork_in_child();
