@@ -309,7 +309,9 @@ impl Snapshot {
 /// (the last, outermost frame) is: whatever was inlined into `__rust_alloc` or the
 /// wrapper is machinery too, even where debug info gives inlined frames short names.
 fn all_internal(symbols: &Symbols) -> bool {
-    symbols.last().is_some_and(|f| is_internal_function(&f.name))
+    symbols
+        .last()
+        .is_some_and(|f| is_internal_function(&f.name))
 }
 
 struct Builder {

@@ -82,12 +82,7 @@ pub fn start_with(
                 }
                 let now = Instant::now();
                 let cur = stats();
-                sink(&format_line(
-                    now - start,
-                    now - prev_t,
-                    &prev,
-                    &cur,
-                ));
+                sink(&format_line(now - start, now - prev_t, &prev, &cur));
                 prev = cur;
                 prev_t = now;
             }
