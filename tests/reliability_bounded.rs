@@ -24,44 +24,13 @@
 //! and the symbol cache. Without the cap, this workload alone would store over a
 //! million stacks (hundreds of MiB).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
 mod common;
 
-/// `System`, keeping the exact number of live heap bytes of the whole process.
-struct LiveBytes;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: forwards every call to `System` unchanged and only counts successful calls.
-unsafe impl GlobalAlloc for LiveBytes {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller upholds `dealloc`'s contract.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller upholds `realloc`'s contract.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: allocprof::Profiler<LiveBytes> = allocprof::Profiler::new(LiveBytes);
+static ALLOC: allocprof::Profiler<common::LiveBytes> = allocprof::Profiler::new(common::LiveBytes);
 
 /// Deepest chain of distinct functions.
 const LEVELS: u32 = 5;
@@ -154,12 +123,12 @@ fn a_million_distinct_stacks_stay_under_the_cap() {
         "the table should be full after {} distinct stacks",
         full.samples - s0.samples
     );
-    let heap_full = LIVE.load(Ordering::Relaxed);
+    let heap_full = common::LIVE.load(Ordering::Relaxed);
 
     // Level 5: 1 048 576 more.
     all_paths(LEVELS, threads);
     let end = allocprof::stats();
-    let heap_end = LIVE.load(Ordering::Relaxed);
+    let heap_end = common::LIVE.load(Ordering::Relaxed);
 
     let distinct: u64 = (1..=LEVELS).map(|l| 16u64.pow(l)).sum();
     let samples = end.samples - s0.samples;

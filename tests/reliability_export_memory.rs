@@ -7,42 +7,13 @@
 //! export; the growth must show up in `Stats::profiler_bytes` (the figure a user watches
 //! and the cap is stated in), within a small slack.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
-/// `System`, keeping the exact number of live heap bytes of the whole process.
-struct LiveBytes;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: forwards every call to `System` unchanged and only counts successful calls.
-unsafe impl GlobalAlloc for LiveBytes {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller upholds `dealloc`'s contract.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller upholds `realloc`'s contract.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-}
+mod common;
 
 #[global_allocator]
-static ALLOC: allocprof::Profiler<LiveBytes> = allocprof::Profiler::new(LiveBytes);
+static ALLOC: allocprof::Profiler<common::LiveBytes> = allocprof::Profiler::new(common::LiveBytes);
 
 /// Heap the process may keep after an export beyond `profiler_bytes` (allocator and
 /// harness noise, lazily initialised std state).
@@ -58,10 +29,10 @@ fn export_leftovers_are_in_profiler_bytes() {
     allocprof::set_sample_rate(4096);
     let kept = workload();
     let s0 = allocprof::stats();
-    let h0 = LIVE.load(Ordering::Relaxed);
+    let h0 = common::LIVE.load(Ordering::Relaxed);
     black_box(allocprof::heap_pprof());
     let s1 = allocprof::stats();
-    let h1 = LIVE.load(Ordering::Relaxed);
+    let h1 = common::LIVE.load(Ordering::Relaxed);
     let retained = h1 - h0;
     let accounted = s1.profiler_bytes as i64 - s0.profiler_bytes as i64;
     println!(

@@ -159,3 +159,37 @@ pub fn example_path(name: &str) -> std::path::PathBuf {
 /// Regex-free `-hide` pattern for `go tool pprof` that hides the standard library's
 /// frames, so that values land on the program's own functions.
 pub const HIDE_STD: &str = r"^(alloc|core|std)::|^<(alloc|core|std)|as (alloc|core|std)::";
+
+/// `System`, keeping the exact number of live heap bytes of the whole process.
+pub struct LiveBytes;
+
+/// Live heap bytes counted by [`LiveBytes`].
+pub static LIVE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+// SAFETY: forwards every call to `System` unchanged and only counts successful calls.
+unsafe impl std::alloc::GlobalAlloc for LiveBytes {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller upholds `dealloc`'s contract.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds `realloc`'s contract.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(
+                new_size as i64 - layout.size() as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
