@@ -14,7 +14,8 @@ fn trace_api_reports_what_the_program_does() {
         let _ = tx.send(line.to_string());
     })
     .expect("start trace");
-    // 8 MiB kept: the in-use figure of a later line grows by at least that much.
+    // 8 MiB kept: the in-use figure of a later line grows by that much, less what this
+    // thread has not published yet.
     let first = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("a first line");
@@ -41,7 +42,11 @@ fn trace_api_reports_what_the_program_does() {
             .and_then(|r| r.split(" (+").nth(1))
             .and_then(|r| r.split("MiB)").next())
             .and_then(|n| n.parse::<f64>().ok())
-            .is_some_and(|mib| mib >= 7.9)
+            // This thread may hold up to FLUSH_BYTES unpublished (the trace thread's
+            // stats() flushes only its own counters); the line rounds to 0.1 MiB.
+            .is_some_and(|mib| {
+                mib >= 8.0 - allocprof::Stats::FLUSH_BYTES as f64 / (1024.0 * 1024.0) - 0.05
+            })
     });
     assert!(grew, "no line shows the 8 MiB kept: {lines:#?}");
     drop(kept);
