@@ -435,9 +435,13 @@ fn main() {
         println!("\nTry:");
         println!("  go tool pprof -top http://{pprof}/debug/pprof/heap");
         println!("  curl -so base.pb.gz http://{pprof}/debug/pprof/heap; sleep 10; curl -so now.pb.gz http://{pprof}/debug/pprof/heap");
-        println!("  go tool pprof -top -base base.pb.gz now.pb.gz          # what grew: the leak");
-        println!("  go tool pprof -top -seconds 10 http://{pprof}/debug/pprof/heap");
-        println!("  go tool pprof -top -sample_index=alloc_objects http://{pprof}/debug/pprof/allocs   # hot spots");
+        // Hiding the standard library's frames puts the bytes on the demo's functions.
+        let hide = r"-hide='^(alloc|core|std)::|^<(alloc|core|std)|as (alloc|core|std)::'";
+        println!("  go tool pprof -top {hide} -base base.pb.gz now.pb.gz      # what grew: the leak");
+        println!("  go tool pprof -top {hide} -seconds 10 http://{pprof}/debug/pprof/heap");
+        println!(
+            "  go tool pprof -top {hide} -sample_index=alloc_objects http://{pprof}/debug/pprof/allocs   # hot spots"
+        );
         println!("  curl -s http://{pprof}/debug/pprof/stats");
         println!("  open http://{pprof}/debug/pprof/allocs?format=svg     # flame graph");
         use std::io::Write as _;
