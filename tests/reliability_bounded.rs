@@ -41,6 +41,10 @@ const LIVE_SET_BYTES: u64 = (1 << 17) * (8 + 24);
 /// Heap growth allowed once the table is full (allocator and harness noise).
 const FLAT_SLACK: i64 = 256 * 1024;
 
+/// Most memory the DWARF unwinder's lazily created rule caches can take
+/// (`profiler/src/unwind/dwarf.rs`: 8 slots × 149216 bytes).
+const UNWINDER_CACHES_MAX: u64 = 8 * 149_216;
+
 /// The documented bound on the stack table's bytes for `max_stacks` stacks.
 fn table_cap(max_stacks: u64) -> u64 {
     max_stacks * (2 * (ENTRY_BYTES + 8 * allocprof::MAX_DEPTH as u64) + 16)
@@ -149,9 +153,14 @@ fn a_million_distinct_stacks_stay_under_the_cap() {
         "profiler_bytes {} above the cap {cap}",
         end.profiler_bytes
     );
-    assert_eq!(
-        end.profiler_bytes, full.profiler_bytes,
-        "profiler memory grew after the table was full"
+    // Once full, only the DWARF unwinder may still create rule caches: lazily, one slot
+    // (4 caches, 149216 bytes) at a time, at most 8 slots in the process.
+    assert!(
+        end.profiler_bytes >= full.profiler_bytes
+            && end.profiler_bytes - full.profiler_bytes <= UNWINDER_CACHES_MAX,
+        "profiler memory grew after the table was full: {} -> {}",
+        full.profiler_bytes,
+        end.profiler_bytes
     );
     assert!(
         heap_end - heap_full <= FLAT_SLACK,
