@@ -12,8 +12,13 @@ use std::net::SocketAddr;
 #[global_allocator]
 static A: allocprof_core::Profiler<System> = allocprof_core::Profiler::new(System);
 
-/// Serves `app` on a fresh runtime thread; returns its address.
-fn serve_axum(app: axum::Router) -> SocketAddr {
+/// Runs `serve(listener)` on a fresh two-worker runtime thread, listening on a free
+/// loopback port; returns its address.
+fn serve_on_runtime<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
@@ -25,10 +30,15 @@ fn serve_axum(app: axum::Router) -> SocketAddr {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
+            serve(listener).await;
         });
     });
     addr
+}
+
+/// Serves `app` on a fresh runtime thread; returns its address.
+fn serve_axum(app: axum::Router) -> SocketAddr {
+    serve_on_runtime(|listener| async move { axum::serve(listener, app).await.unwrap() })
 }
 
 fn check_profile_routes(addr: SocketAddr, base: &str) {
@@ -98,40 +108,29 @@ fn mounted_in_hyper_service_fn() {
     use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response};
     use hyper_util::rt::TokioIo;
     let _kept = workload();
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            let pprof = Pprof::new();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let pprof = pprof.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let pprof = pprof.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(
-                                if req.uri().path().starts_with("/debug/pprof") {
-                                    pprof.handle(req).await
-                                } else {
-                                    Response::new(allocprof_http::Body::from("the application"))
-                                },
-                            )
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+    let addr = serve_on_runtime(|listener| async move {
+        let pprof = Pprof::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let pprof = pprof.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let pprof = pprof.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            if req.uri().path().starts_with("/debug/pprof") {
+                                pprof.handle(req).await
+                            } else {
+                                Response::new(allocprof_http::Body::from("the application"))
+                            },
+                        )
+                    }
                 });
-            }
-        });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
     });
     assert_eq!(get(addr, "/").text(), "the application");
     check_profile_routes(addr, "/debug/pprof");

@@ -54,24 +54,16 @@ pub fn request(rng: &mut Rng, keep: &mut Vec<Box<[u8]>>, keep_max: usize) {
 
 fn descend(depth: u32, path: u64, rng: &mut Rng) -> Box<[u8]> {
     if path & 1 == 0 {
-        left(depth, path >> 1, rng)
+        level::<false>(depth, path >> 1, rng)
     } else {
-        right(depth, path >> 1, rng)
+        level::<true>(depth, path >> 1, rng)
     }
 }
 
+/// One level of the recursion. `level::<false>` and `level::<true>` are two functions,
+/// so each bit of the path picks which frame the stack gets.
 #[inline(never)]
-fn left(depth: u32, path: u64, rng: &mut Rng) -> Box<[u8]> {
-    let b = if depth == 0 {
-        leaf(rng)
-    } else {
-        descend(depth - 1, path, rng)
-    };
-    black_box(b)
-}
-
-#[inline(never)]
-fn right(depth: u32, path: u64, rng: &mut Rng) -> Box<[u8]> {
+fn level<const RIGHT: bool>(depth: u32, path: u64, rng: &mut Rng) -> Box<[u8]> {
     let b = if depth == 0 {
         leaf(rng)
     } else {
