@@ -63,9 +63,12 @@ impl StackBounds {
     /// Whether `[addr, addr + len)` lies inside the stack and `addr` is word-aligned.
     #[inline]
     pub(crate) fn contains(&self, addr: usize, len: usize) -> bool {
+        // `lo <= addr && addr + len <= hi` without overflow: `addr - lo` wraps to a huge
+        // value when `addr < lo`. (`lo < hi` for every value of this type.)
         addr.is_multiple_of(std::mem::align_of::<usize>())
-            && addr >= self.lo
-            && addr.checked_add(len).is_some_and(|end| end <= self.hi)
+            && (self.hi - self.lo)
+                .checked_sub(len)
+                .is_some_and(|room| addr.wrapping_sub(self.lo) <= room)
     }
 
     /// Reads the two words of a frame record at `addr` (one bounds check for both), if the

@@ -1,11 +1,26 @@
-//! The DWARF unwinder: `.eh_frame` call-frame information evaluated by framehop, with a
-//! per-address cache of the resulting unwind rules.
+//! The DWARF unwinder: `.eh_frame` call-frame information, reduced per return address to
+//! a three-number rule and cached, so that a warm frame costs a cache probe and one or
+//! two bounds-checked stack reads.
 //!
 //! libgcc's unwinder (the baseline) looks up the FDE of every frame, interprets its CFI
-//! program and builds a full register context, every time: 4–8 µs per stack here. framehop
-//! does the same lookup once per return address and caches the resulting rule (for
-//! almost all frames a rule like "CFA = rsp + 24, return address at CFA − 8"); a cached
-//! frame then costs a hash probe and two stack reads.
+//! program and fills a full register context, every time: 4–8 µs per stack here. Almost
+//! every frame of compiled code, however, unwinds by a rule of the form
+//!
+//! ```text
+//! CFA = (rsp or rbp) + cfa_off;  return address = [CFA + ra_off];  rbp = [CFA + bp_off] or unchanged
+//! ```
+//!
+//! and that rule depends only on the address. So the first time an address is seen its
+//! FDE is found through `.eh_frame_hdr`'s binary-search table and its CFI program is run
+//! up to the address by `gimli` (a few microseconds); the resulting [`Rule`] is stored in
+//! a 2-way set-associative cache of [`SETS`] sets. Every later visit is a hash, a compare
+//! and the reads above. Rules that do not have that form (a CFA computed by a DWARF
+//! expression, a register saved in another register) are cached as "stop", and the walk
+//! ends there, as it does at a read outside the stack.
+//!
+//! Code without an FDE (hand-written assembly without CFI) is unwound as if it kept frame
+//! pointers (`CFA = rbp + 16`), which is right when it does, and is bounds-checked when it
+//! does not.
 //!
 //! # Module list
 //!
@@ -14,60 +29,47 @@
 //! `PT_LOAD` range, `.eh_frame_hdr` (`PT_GNU_EH_FRAME`) and `.eh_frame` (found through the
 //! header's `eh_frame_ptr`). The section data are borrowed in place from the loaded image
 //! (`&'static [u8]`), nothing is copied. Objects loaded later with `dlopen` are not seen;
-//! framehop unwinds their frames by frame pointer, and a stack may end there.
+//! their frames are unwound by frame pointer, and a stack may end there.
 //!
 //! # Caches
 //!
-//! framehop's rule cache is direct-mapped (509 entries, slot = address mod 509), so two hot
-//! return addresses that share a slot evict each other on every capture, and each miss
-//! costs a full FDE lookup and CFI evaluation (~1 µs). Whether that happens depends on
-//! where the loader put the binary (ASLR), so one run can be several times slower than the
-//! next. So we keep [`WAYS`] caches per slot, and a global table of per-address *way
-//! hints*: an address is served by way `(hash(address) + hint) mod WAYS`, and a miss caused
-//! by a collision (framehop counts those) bumps the hint of the address that missed, which
-//! moves it to another way where its slot is free. Two colliding addresses are separated
-//! after one extra miss and stay apart.
-//!
-//! The caches are mutable state (about 50 KiB each, created on first use). There are
-//! [`SLOTS`] sets of them, each behind a try-lock; a thread starts at a slot picked from its
-//! identity and takes the first free one. No thread ever waits: if all are busy (or the
-//! module list is still being built by another thread) the capture declines and the caller
-//! falls back to the system unwinder.
+//! A rule cache (about 48 KiB, plus `gimli`'s context for running CFI programs) is mutable
+//! state, so there are [`SLOTS`] of them, each behind a try-lock, created on first use. A
+//! thread starts at a slot picked from its stack address and takes the first free one.
+//! No thread ever waits: if all are busy (or the module list is still being built by
+//! another thread) the capture declines and the caller falls back to the system unwinder.
 //!
 //! # Safety of the walk
 //!
-//! Rules are evaluated against register values we provide and memory reads we answer, and
-//! every read goes through [`StackBounds::read`]. The walk stops when the stack pointer does
-//! not strictly increase, a read is refused, or framehop finds the root.
+//! Rules only ever turn into reads through [`StackBounds::read`] (aligned, inside the live
+//! part of this thread's stack). The walk stops when the stack pointer does not strictly
+//! increase, a read is refused, a rule says "stop", or the return address is undefined
+//! (the root: `_start`, `clone3`).
 
 use super::bounds::StackBounds;
 use crate::stack::StackBuf;
-use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::{
-    ExplicitModuleSectionInfo, FrameAddress, Module, MustNotAllocateDuringUnwind, Unwinder,
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, LittleEndian, ParsedEhFrameHdr,
+    RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
-use std::ops::{Deref, Range};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
-/// Section data borrowed from the loaded image of an object.
-#[derive(Clone, Copy, Default)]
-struct Mapped(&'static [u8]);
+type Slice = EndianSlice<'static, LittleEndian>;
 
-impl Deref for Mapped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.0
-    }
+/// One loaded object's unwind sections, as mapped (all addresses are run-time addresses).
+struct Module {
+    text: Range<usize>,
+    bases: BaseAddresses,
+    eh_frame: EhFrame<Slice>,
+    hdr: ParsedEhFrameHdr<Slice>,
 }
-
-type Unw = UnwinderX86_64<Mapped, MustNotAllocateDuringUnwind>;
-type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
 
 /// The loaded objects, built once.
 struct Modules {
-    unwinder: Unw,
+    list: Vec<Module>,
     /// Executable range of the main program: code compiled by rustc with the build's
     /// flags, so it keeps frame pointers iff this crate does.
     main_text: Range<usize>,
@@ -76,7 +78,6 @@ struct Modules {
 const UNINIT: u8 = 0;
 const BUILDING: u8 = 1;
 const READY: u8 = 2;
-const FAILED: u8 = 3;
 
 struct Global {
     state: AtomicU8,
@@ -93,66 +94,140 @@ static GLOBAL: Global = Global {
     modules: UnsafeCell::new(MaybeUninit::uninit()),
 };
 
-/// Number of sets of rule caches (concurrent captures served without falling back).
-/// Created on first use, so an unused slot costs 16 bytes.
+/// How to find the caller's registers from a frame's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Base {
+    /// CFA = rsp + cfa_off.
+    Sp,
+    /// CFA = rbp + cfa_off.
+    Bp,
+    /// The return address is undefined: the root of the stack.
+    Root,
+    /// No rule of the supported form: the walk ends here.
+    Stop,
+}
+
+/// The unwind rule of one address (see the module docs), eight bytes so that it travels
+/// in a register. Saved registers sit at word-aligned offsets from the CFA, so those
+/// offsets are kept in words; a rule whose offsets are not whole words cannot be followed
+/// (its reads would be misaligned) and is a stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rule {
+    /// CFA offset from the base register, in bytes.
+    cfa_off: i32,
+    /// Where the return address is saved, in words from the CFA.
+    ra_words: i8,
+    /// Where the caller's rbp is saved, in words from the CFA; 0: rbp is unchanged.
+    bp_words: i8,
+    base: Base,
+}
+
+impl Rule {
+    const STOP: Rule = Rule {
+        base: Base::Stop,
+        cfa_off: 0,
+        ra_words: 0,
+        bp_words: 0,
+    };
+
+    const ROOT: Rule = Rule {
+        base: Base::Root,
+        ..Rule::STOP
+    };
+
+    /// What `push rbp; mov rbp, rsp` code unwinds by (the usual fallback for code without
+    /// CFI).
+    const FRAME_POINTER: Rule = Rule {
+        base: Base::Bp,
+        cfa_off: 16,
+        ra_words: -1,
+        bp_words: -2,
+    };
+}
+
+const _: () = assert!(std::mem::size_of::<Rule>() == 8);
+
+#[derive(Clone, Copy)]
+struct Entry {
+    /// The address the rule is for; 0 for an empty entry (no code lives at address 0).
+    pc: usize,
+    rule: Rule,
+}
+
+const EMPTY_ENTRY: Entry = Entry {
+    pc: 0,
+    rule: Rule::STOP,
+};
+
+/// Sets of the rule cache (two entries each).
+const SETS: usize = 1024;
+
+/// One slot's state: the rule cache and gimli's context for running CFI programs.
+struct SlotState {
+    entries: [[Entry; 2]; SETS],
+    ctx: UnwindContext<usize>,
+}
+
+impl SlotState {
+    /// The rule for `pc`, from the cache or derived and cached.
+    #[inline(always)]
+    fn rule(&mut self, modules: &Modules, pc: usize) -> Rule {
+        let set = &self.entries[set_index(pc)];
+        if set[0].pc == pc {
+            return set[0].rule;
+        }
+        self.miss(modules, pc)
+    }
+
+    #[inline(never)]
+    fn miss(&mut self, modules: &Modules, pc: usize) -> Rule {
+        let set = &mut self.entries[set_index(pc)];
+        // The most recently used entry goes first.
+        if set[1].pc == pc {
+            set.swap(0, 1);
+            return set[0].rule;
+        }
+        let rule = derive(modules, &mut self.ctx, pc);
+        let set = &mut self.entries[set_index(pc)];
+        set[1] = set[0];
+        set[0] = Entry { pc, rule };
+        rule
+    }
+}
+
+#[inline(always)]
+fn set_index(pc: usize) -> usize {
+    ((pc as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SETS.trailing_zeros())) as usize
+}
+
+/// Number of rule caches (concurrent captures served without falling back). Created on
+/// first use, so an unused slot costs 16 bytes.
 const SLOTS: usize = 8;
-
-/// framehop caches per slot, chosen by address (see the module docs).
-const WAYS: usize = 4;
-
-type Caches = [Cache; WAYS];
-
-/// Way hints, indexed by [`hint_index`]; races between threads only cost a miss.
-static HINTS: [AtomicU8; 4096] = [const { AtomicU8::new(0) }; 4096];
-
-#[inline]
-fn mix(address: FrameAddress) -> u64 {
-    address.address().wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-#[inline]
-fn hint_index(address: FrameAddress) -> usize {
-    (mix(address) >> 52) as usize
-}
-
-/// The cache of `caches` that serves `address`: a hash independent of framehop's own
-/// `address mod 509`, moved along by the address's hint.
-#[inline]
-fn way(address: FrameAddress) -> usize {
-    let hint = HINTS[hint_index(address)].load(Ordering::Relaxed) as usize;
-    ((mix(address) >> 62) as usize + hint) % WAYS
-}
-
-/// Moves `address` to the next way after it missed because another address held its slot.
-#[cold]
-fn collided(address: FrameAddress) {
-    let h = &HINTS[hint_index(address)];
-    h.store(h.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-}
 
 struct Slot {
     busy: AtomicBool,
-    caches: UnsafeCell<Option<Box<Caches>>>,
+    state: UnsafeCell<Option<Box<SlotState>>>,
 }
 
-// SAFETY: `caches` is only touched by the thread that holds `busy` (taken with an Acquire
+// SAFETY: `state` is only touched by the thread that holds `busy` (taken with an Acquire
 // compare-exchange, released with a Release store), so accesses never overlap.
 unsafe impl Sync for Slot {}
 
 #[allow(clippy::declare_interior_mutable_const)] // used only as the array initialiser
 const FREE_SLOT: Slot = Slot {
     busy: AtomicBool::new(false),
-    caches: UnsafeCell::new(None),
+    state: UnsafeCell::new(None),
 };
 static CACHES: [Slot; SLOTS] = [FREE_SLOT; SLOTS];
 
-/// Slots whose caches have been created.
+/// Slots whose state has been created.
 static CREATED: AtomicUsize = AtomicUsize::new(0);
 
-/// Heap bytes of one slot's caches, approximately: framehop's rule cache (509 entries of
-/// 24 bytes) and gimli's unwind context for CFI evaluation (four rows of 192 register
-/// rules of 32 bytes) per way.
-const SLOT_BYTES: usize = WAYS * (509 * 24 + 4 * 192 * 32 + 512);
+/// Heap bytes of one slot: the cache itself and the row stack of gimli's unwind context
+/// (`StoreOnHeap` boxes four rows).
+pub(super) const SLOT_BYTES: usize =
+    std::mem::size_of::<SlotState>() + 4 * std::mem::size_of::<gimli::UnwindTableRow<usize>>();
 
 /// In a child process after `fork`: only the forking thread survives, so slots that other
 /// threads held at the fork, and a module list another thread was building, would stay
@@ -168,7 +243,7 @@ pub(super) fn reset_after_fork_in_child() {
         .compare_exchange(BUILDING, UNINIT, Ordering::AcqRel, Ordering::Relaxed);
 }
 
-/// Creates the caches of every free slot (tests: so that later captures cannot allocate).
+/// Creates the state of every free slot (tests: so that later captures cannot allocate).
 #[cfg(test)]
 pub(super) fn warm_all_caches() {
     for slot in &CACHES {
@@ -178,7 +253,7 @@ pub(super) fn warm_all_caches() {
             .is_ok()
         {
             let mut guard = SlotGuard(slot);
-            guard.caches();
+            guard.state();
         }
     }
 }
@@ -189,7 +264,7 @@ pub(super) fn memory_bytes() -> usize {
     CREATED.load(Ordering::Relaxed) * SLOT_BYTES
 }
 
-/// A held rule cache; released on drop.
+/// A held slot; released on drop.
 struct SlotGuard(&'static Slot);
 
 impl SlotGuard {
@@ -209,14 +284,18 @@ impl SlotGuard {
         })
     }
 
-    /// The caches, created on first use (allocates: called with the reentrancy mark set).
-    fn caches(&mut self) -> &mut Caches {
+    /// The slot's state, created on first use (allocates: called with the reentrancy mark
+    /// set).
+    fn state(&mut self) -> &mut SlotState {
         // SAFETY: this guard holds the slot's try-lock, so no other reference to the cell's
         // contents exists; the returned borrow ends before the guard releases the lock.
-        let cell = unsafe { &mut *self.0.caches.get() };
+        let cell = unsafe { &mut *self.0.state.get() };
         cell.get_or_insert_with(|| {
             CREATED.fetch_add(1, Ordering::Relaxed);
-            Box::new(std::array::from_fn(|_| Cache::new_in()))
+            Box::new(SlotState {
+                entries: [[EMPTY_ENTRY; 2]; SETS],
+                ctx: UnwindContext::new(),
+            })
         })
     }
 }
@@ -241,18 +320,10 @@ fn modules() -> Option<&'static Modules> {
                 return None;
             }
             let built = build_modules();
-            let ok = built.is_some();
-            if let Some(m) = built {
-                // SAFETY: we moved the state to BUILDING, so no other thread reads or
-                // writes the cell until we publish READY below.
-                unsafe { (*GLOBAL.modules.get()).write(m) };
-            }
-            GLOBAL
-                .state
-                .store(if ok { READY } else { FAILED }, Ordering::Release);
-            if !ok {
-                return None;
-            }
+            // SAFETY: we moved the state to BUILDING, so no other thread reads or writes
+            // the cell until we publish READY below.
+            unsafe { (*GLOBAL.modules.get()).write(built) };
+            GLOBAL.state.store(READY, Ordering::Release);
         }
         _ => return None,
     }
@@ -296,9 +367,9 @@ fn registers() -> (usize, usize, usize) {
 /// Returns `false`, having pushed nothing, if the unwinder is not available right now;
 /// the caller then falls back to the system unwinder.
 ///
-/// Called with the reentrancy mark set: the first call builds the module list and each
-/// slot's first use creates its cache (allocations). After that it does not allocate,
-/// lock or make a system call.
+/// Called with the reentrancy mark set: the first call builds the module list, each
+/// slot's first use creates its cache, and a cache miss may grow gimli's context
+/// (allocations). Otherwise it does not allocate, lock or make a system call.
 #[inline(never)]
 pub(super) fn capture(buf: &mut StackBuf, marker: usize) -> bool {
     let (ip, sp, bp) = registers();
@@ -311,16 +382,9 @@ pub(super) fn capture(buf: &mut StackBuf, marker: usize) -> bool {
     let Some(mut slot) = SlotGuard::acquire() else {
         return false;
     };
-    let regs = UnwindRegsX86_64::new(ip as u64, sp as u64, bp as u64);
-    walk(
-        buf,
-        marker,
-        &bounds,
-        &modules.unwinder,
-        slot.caches(),
-        regs,
-        FrameAddress::from_instruction_pointer(ip as u64),
-    );
+    // The first frame is this function at `ip` itself: its rule is looked up at `ip`
+    // exactly, and its return address (into our caller) is the first one read.
+    walk(buf, marker, &bounds, modules, slot.state(), ip, sp, bp);
     true
 }
 
@@ -346,103 +410,171 @@ pub(super) fn resume(
 ) -> Option<Walked> {
     let modules = modules()?;
     let bounds = StackBounds::current().and_then(|b| b.above_sp(sp))?;
-    let Some(address) = FrameAddress::from_return_address(ip as u64) else {
+    if ip == 0 {
         return Some(Walked::Stopped);
-    };
+    }
     let mut slot = SlotGuard::acquire()?;
-    let regs = UnwindRegsX86_64::new(ip as u64, sp as u64, bp as u64);
     Some(walk(
         buf,
         marker,
         &bounds,
-        &modules.unwinder,
-        slot.caches(),
-        regs,
-        address,
+        modules,
+        slot.state(),
+        ip - 1,
+        sp,
+        bp,
     ))
 }
 
-/// The unwinding loop. `address` is the frame to unwind next; its own address has been
-/// pushed already (or is the capture function's own instruction pointer, never pushed).
+/// The unwinding loop. `pc` is the address to look the next frame's rule up at (inside
+/// the call instruction for a return address); `sp` and `bp` are that frame's registers.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn walk(
     buf: &mut StackBuf,
     marker: usize,
     bounds: &StackBounds,
-    unwinder: &Unw,
-    caches: &mut Caches,
-    mut regs: UnwindRegsX86_64,
-    mut address: FrameAddress,
+    modules: &Modules,
+    state: &mut SlotState,
+    mut pc: usize,
+    mut sp: usize,
+    mut bp: usize,
 ) -> Walked {
-    let mut read = |addr: u64| bounds.read(addr as usize).map(|w| w as u64).ok_or(());
+    const WORD: isize = std::mem::size_of::<usize>() as isize;
     // Every step strictly raises the stack pointer inside bounded memory, so the loop
     // ends; the cap is a second guard.
     for _ in 0..4 * crate::stack::MAX_DEPTH {
-        let sp_before = regs.sp();
-        let cache = &mut caches[way(address)];
-        let collisions = cache.stats().miss_wrong_address_count;
-        let result = unwinder.unwind_frame(address, &mut regs, cache, &mut read);
-        if cache.stats().miss_wrong_address_count != collisions {
-            collided(address);
-        }
-        let ret = match result {
-            Ok(Some(ret)) => ret,
-            Ok(None) => return Walked::Root,
-            Err(_) => return Walked::Stopped,
+        let rule = state.rule(modules, pc);
+        let base = match rule.base {
+            Base::Sp => sp,
+            Base::Bp => bp,
+            Base::Root => return Walked::Root,
+            Base::Stop => return Walked::Stopped,
         };
-        // `regs` now hold the caller's values: its stack pointer is the CFA of the frame
-        // just unwound. Keep the return address iff that frame lies above the marker.
-        if regs.sp() <= sp_before {
-            return Walked::Stopped;
-        }
-        if regs.sp() as usize > marker && !buf.push(ret as usize) {
-            return Walked::Stopped;
-        }
-        let Some(next) = FrameAddress::from_return_address(ret) else {
+        let cfa = base.wrapping_add(rule.cfa_off as isize as usize);
+        let Some(ret) = bounds.read(cfa.wrapping_add((rule.ra_words as isize * WORD) as usize))
+        else {
             return Walked::Stopped;
         };
-        address = next;
+        if rule.bp_words != 0 {
+            match bounds.read(cfa.wrapping_add((rule.bp_words as isize * WORD) as usize)) {
+                Some(v) => bp = v,
+                None => return Walked::Stopped,
+            }
+        }
+        // The caller's stack pointer is the CFA of the frame just unwound. Keep the return
+        // address iff that frame lies above the marker.
+        if cfa <= sp {
+            return Walked::Stopped;
+        }
+        sp = cfa;
+        if ret == 0 {
+            return Walked::Root;
+        }
+        if sp > marker && !buf.push(ret) {
+            return Walked::Stopped;
+        }
+        pc = ret - 1;
     }
     Walked::Stopped
 }
 
-/// Enumerates the loaded objects. Allocates (called with the reentrancy mark set).
-fn build_modules() -> Option<Modules> {
-    let mut acc = Acc {
-        unwinder: Unw::new(),
-        main_text: 0..0,
-        first: true,
+/// The rule for `pc` from the CFI of the object containing it (the cache-miss path; may
+/// allocate inside gimli's context, called with the reentrancy mark set).
+#[cold]
+fn derive(modules: &Modules, ctx: &mut UnwindContext<usize>, pc: usize) -> Rule {
+    let Some(m) = modules.list.iter().find(|m| m.text.contains(&pc)) else {
+        return Rule::FRAME_POINTER;
     };
-    // SAFETY: `collect` matches `dl_iterate_phdr`'s callback signature and reads `data` as
-    // the `Acc` we pass, for the duration of this call only.
-    unsafe {
-        libc::dl_iterate_phdr(Some(collect), std::ptr::addr_of_mut!(acc).cast());
+    let Some(table) = m.hdr.table() else {
+        return Rule::FRAME_POINTER;
+    };
+    let Ok(fde) = table.fde_for_address(&m.eh_frame, &m.bases, pc as u64, EhFrame::cie_from_offset)
+    else {
+        return Rule::FRAME_POINTER;
+    };
+    match fde.unwind_info_for_address(&m.eh_frame, &m.bases, ctx, pc as u64) {
+        Ok(row) => rule_from_row(
+            row.cfa(),
+            row.register(X86_64::RA),
+            row.register(X86_64::RBP),
+        ),
+        Err(_) => Rule::STOP,
     }
-    Some(Modules {
-        unwinder: acc.unwinder,
-        main_text: acc.main_text,
-    })
 }
 
-struct Acc {
-    unwinder: Unw,
-    main_text: Range<usize>,
-    first: bool,
+/// Reduces a row of the CFI table to a [`Rule`], or [`Rule::STOP`] if it has another form.
+fn rule_from_row(
+    cfa: &CfaRule<usize>,
+    ra: Option<RegisterRule<usize>>,
+    bp: Option<RegisterRule<usize>>,
+) -> Rule {
+    let (base, cfa_off) = match *cfa {
+        CfaRule::RegisterAndOffset { register, offset } if register == X86_64::RSP => {
+            (Base::Sp, offset)
+        }
+        CfaRule::RegisterAndOffset { register, offset } if register == X86_64::RBP => {
+            (Base::Bp, offset)
+        }
+        _ => return Rule::STOP,
+    };
+    let ra_off = match ra {
+        Some(RegisterRule::Offset(o)) => o,
+        Some(RegisterRule::Undefined) => return Rule::ROOT,
+        _ => return Rule::STOP,
+    };
+    let bp_off = match bp {
+        None | Some(RegisterRule::SameValue) | Some(RegisterRule::Undefined) => 0,
+        Some(RegisterRule::Offset(o)) if o != 0 => o,
+        _ => return Rule::STOP,
+    };
+    let words = |off: i64| {
+        const WORD: i64 = std::mem::size_of::<usize>() as i64;
+        (off % WORD == 0)
+            .then(|| i8::try_from(off / WORD).ok())
+            .flatten()
+    };
+    match (i32::try_from(cfa_off), words(ra_off), words(bp_off)) {
+        (Ok(cfa_off), Some(ra_words), Some(bp_words)) if ra_words != 0 => Rule {
+            base,
+            cfa_off,
+            ra_words,
+            bp_words,
+        },
+        _ => Rule::STOP,
+    }
 }
 
-/// `dl_iterate_phdr` callback: adds one object to the unwinder.
+/// Enumerates the loaded objects. Allocates (called with the reentrancy mark set).
+fn build_modules() -> Modules {
+    let mut acc = Modules {
+        list: Vec::new(),
+        main_text: 0..0,
+    };
+    let mut first = true;
+    let mut data = (&mut acc, &mut first);
+    // SAFETY: `collect` matches `dl_iterate_phdr`'s callback signature and reads `data` as
+    // the tuple we pass, for the duration of this call only.
+    unsafe {
+        libc::dl_iterate_phdr(Some(collect), std::ptr::addr_of_mut!(data).cast());
+    }
+    acc
+}
+
+/// `dl_iterate_phdr` callback: adds one object to the list.
 ///
 /// # Safety
 ///
 /// `info` must be valid for the call (as `dl_iterate_phdr` guarantees) and `data` must
-/// point to an [`Acc`] not otherwise borrowed.
+/// point to a `(&mut Modules, &mut bool)` not otherwise borrowed.
 unsafe extern "C" fn collect(
     info: *mut libc::dl_phdr_info,
     _size: libc::size_t,
     data: *mut libc::c_void,
 ) -> libc::c_int {
     // SAFETY: per this function's contract.
-    let (info, acc) = unsafe { (&*info, &mut *data.cast::<Acc>()) };
-    let first = std::mem::replace(&mut acc.first, false);
+    let (info, (acc, first)) = unsafe { (&*info, &mut *data.cast::<(&mut Modules, &mut bool)>()) };
+    let is_first = std::mem::replace(*first, false);
     if info.dlpi_phdr.is_null() {
         return 0;
     }
@@ -464,8 +596,9 @@ unsafe extern "C" fn collect(
         }
     }
     let Some(text) = text else { return 0 };
-    if first {
-        acc.main_text = base + text.start..base + text.end;
+    let text = base + text.start..base + text.end;
+    if is_first {
+        acc.main_text = text.clone();
     }
     let Some(hdr) = hdr else { return 0 };
     // SAFETY: the PT_GNU_EH_FRAME segment is loaded at `base + hdr`, readable, for as long
@@ -489,21 +622,23 @@ unsafe extern "C" fn collect(
     // SAFETY: `[eh_frame, seg_end)` lies inside a loaded PT_LOAD segment of this object.
     let eh_bytes: &'static [u8] =
         unsafe { std::slice::from_raw_parts((base + eh_frame) as *const u8, seg_end - eh_frame) };
-    let info = ExplicitModuleSectionInfo {
-        base_svma: 0,
-        text_svma: Some(text.start as u64..text.end as u64),
-        eh_frame_svma: Some(eh_frame as u64..seg_end as u64),
-        eh_frame: Some(Mapped(eh_bytes)),
-        eh_frame_hdr_svma: Some(hdr.start as u64..hdr.end as u64),
-        eh_frame_hdr: Some(Mapped(hdr_bytes)),
-        ..Default::default()
+    // Everything is addressed as mapped: pc-relative and data-relative pointers then
+    // resolve to run-time addresses, which is what `pc` is.
+    let bases = BaseAddresses::default()
+        .set_eh_frame_hdr((base + hdr.start) as u64)
+        .set_eh_frame((base + eh_frame) as u64)
+        .set_text(text.start as u64);
+    let Ok(parsed) = EhFrameHdr::new(hdr_bytes, LittleEndian).parse(&bases, 8) else {
+        return 0;
     };
-    acc.unwinder.add_module(Module::new(
-        String::new(),
-        (base + text.start) as u64..(base + text.end) as u64,
-        base as u64,
-        info,
-    ));
+    let mut eh_frame = EhFrame::new(eh_bytes, LittleEndian);
+    eh_frame.set_address_size(8);
+    acc.list.push(Module {
+        text,
+        bases,
+        eh_frame,
+        hdr: parsed,
+    });
     0
 }
 

@@ -179,7 +179,7 @@ pub(crate) fn compiled_with_frame_pointers() -> bool {
 }
 
 /// Heap bytes the unwinders hold (the DWARF unwinder's rule caches, created per
-/// concurrently capturing thread, at most eight sets of about 150 KiB), for
+/// concurrently capturing thread, at most eight of about 56 KiB), for
 /// `Stats::profiler_bytes`.
 pub(crate) fn memory_bytes() -> usize {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
