@@ -67,18 +67,13 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // Forget the sample *before* the memory goes back: once it is back, another thread
-        // may be handed the same address and sample it.
-        if live::contains(ptr as usize) {
-            on_sampled_free(ptr as usize);
+        // Both tests run unconditionally (`|`, not `||`) so that the common case is one
+        // predictable branch, and both outcomes end in a tail call: the fast path needs
+        // no stack frame at all.
+        if live::may_contain(ptr as usize) | thread::on_free(layout.size()) {
+            // SAFETY: forwarded unchanged.
+            return unsafe { dealloc_slow(&self.inner, ptr, layout) };
         }
-        if thread::on_free(layout.size()) {
-            thread::free_event();
-        }
-        // The real free comes last, as a tail call: with bookkeeping after it, LLVM moved
-        // the stack adjustment ahead of the branch while the unwind tables changed only
-        // after it, and a signal-handler unwinder (pprof-rs's CPU profiler) landing on
-        // those instructions read a garbage return address (tests in reliability/).
         // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
         unsafe { self.inner.dealloc(ptr, layout) };
     }
@@ -151,11 +146,29 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
     );
 }
 
-/// The free of a sampled object: credit its stack.
+/// A free that may be of a sampled object, or that ran out the thread's free countdown.
+///
+/// The sample is forgotten *before* the memory goes back: once it is back, another
+/// thread may be handed the same address and sample it. The real free comes last, as a
+/// tail call: with bookkeeping after it, LLVM moved the stack adjustment ahead of the
+/// branch while the unwind tables changed only after it, and a signal-handler unwinder
+/// (pprof-rs's CPU profiler) landing on those instructions read a garbage return address
+/// (tests in `reliability/`).
+///
+/// # Safety
+///
+/// As for [`GlobalAlloc::dealloc`] on `inner`.
 #[cold]
 #[inline(never)]
-fn on_sampled_free(ptr: usize) {
-    if let Some(meta) = live::remove(ptr) {
-        TABLE.record_free(meta.stack, meta.size, meta.weight);
+unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) {
+    if live::probe(ptr as usize) {
+        if let Some(meta) = live::remove(ptr as usize) {
+            TABLE.record_free(meta.stack, meta.size, meta.weight);
+        }
     }
+    if thread::free_due() {
+        thread::free_event();
+    }
+    // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
+    unsafe { inner.dealloc(ptr, layout) };
 }

@@ -102,18 +102,23 @@ fn filter_bit(ptr: usize) -> (usize, u64) {
 /// Is `ptr` a tracked sampled allocation? Lock-free; the common answer is `false`.
 #[inline(always)]
 pub(crate) fn contains(ptr: usize) -> bool {
+    may_contain(ptr) && probe(ptr)
+}
+
+/// The filter test alone: `false` means `ptr` is certainly not tracked; `true` means it may
+/// be (then [`probe`] decides). One cached load.
+#[inline(always)]
+pub(crate) fn may_contain(ptr: usize) -> bool {
     let (word, mask) = filter_bit(ptr);
     // Acquire pairs with the Release in `insert`: a pointer handed to this thread after
     // its insertion has its bit visible here.
-    if FILTER[word].load(Ordering::Acquire) & mask == 0 {
-        return false;
-    }
-    probe(ptr)
+    FILTER[word].load(Ordering::Acquire) & mask != 0
 }
 
+/// Whether `ptr` is in the slot table (lock-free), after [`may_contain`] said it may be.
 #[cold]
 #[inline(never)]
-fn probe(ptr: usize) -> bool {
+pub(crate) fn probe(ptr: usize) -> bool {
     let mut i = home(ptr);
     // Bounded: the table always keeps empty slots (MAX_USED < CAP), but a bound costs
     // nothing and makes termination obvious.
@@ -156,7 +161,9 @@ pub(crate) fn insert(ptr: usize, meta: LiveMeta) -> bool {
             let b = word * 64 + mask.trailing_zeros() as usize;
             w.filter_counts[b] += 1;
             if w.filter_counts[b] == 1 {
-                FILTER[word].fetch_or(mask, Ordering::Release);
+                // Only writers change the filter, under the lock: no read-modify-write.
+                let bits = FILTER[word].load(Ordering::Relaxed);
+                FILTER[word].store(bits | mask, Ordering::Release);
             }
             // Release: the owner's later lookup (after a happens-before hand-over) sees it.
             SLOTS[i].store(ptr, Ordering::Release);
@@ -204,7 +211,8 @@ pub(crate) fn remove(ptr: usize) -> Option<LiveMeta> {
             let b = word * 64 + mask.trailing_zeros() as usize;
             w.filter_counts[b] -= 1;
             if w.filter_counts[b] == 0 {
-                FILTER[word].fetch_and(!mask, Ordering::Release);
+                let bits = FILTER[word].load(Ordering::Relaxed);
+                FILTER[word].store(bits & !mask, Ordering::Release);
             }
             return Some(meta);
         }

@@ -6,6 +6,8 @@
 //! address one byte before it, which lies inside the call instruction. The two are
 //! separate types and [`ReturnAddress::lookup`] is the one place the −1 happens.
 
+use std::mem::MaybeUninit;
+
 /// Deepest stack kept. Deeper stacks keep their innermost `MAX_DEPTH` frames.
 ///
 /// 128 (not 32) so that Pyroscope's truncation heuristic, which triggers on stacks of
@@ -30,16 +32,19 @@ impl ReturnAddress {
     }
 }
 
-/// A fixed-capacity stack buffer filled on the sampled path without allocating.
+/// A fixed-capacity stack buffer filled on the sampled path without allocating. Its
+/// 1 KiB of storage is left uninitialised until pushed to (zeroing it would cost every
+/// sample as much as a dozen frames of unwinding).
 pub(crate) struct StackBuf {
-    frames: [usize; MAX_DEPTH],
+    frames: [MaybeUninit<usize>; MAX_DEPTH],
+    /// `frames[..len]` are initialised.
     len: usize,
 }
 
 impl StackBuf {
     pub(crate) const fn new() -> Self {
         StackBuf {
-            frames: [0; MAX_DEPTH],
+            frames: [const { MaybeUninit::uninit() }; MAX_DEPTH],
             len: 0,
         }
     }
@@ -50,14 +55,16 @@ impl StackBuf {
         if self.len == MAX_DEPTH {
             return false;
         }
-        self.frames[self.len] = addr;
+        self.frames[self.len] = MaybeUninit::new(addr);
         self.len += 1;
         self.len < MAX_DEPTH
     }
 
     /// The captured return addresses, innermost (leaf) first.
     pub(crate) fn as_slice(&self) -> &[usize] {
-        &self.frames[..self.len]
+        // SAFETY: `frames[..len]` were written by `push` (the invariant of `len`), and
+        // `MaybeUninit<usize>` has the layout of `usize`.
+        unsafe { std::slice::from_raw_parts(self.frames.as_ptr().cast::<usize>(), self.len) }
     }
 }
 

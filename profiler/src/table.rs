@@ -203,19 +203,34 @@ impl Shard {
     }
 }
 
+/// One shard and its sample count, on cache lines of their own (128 bytes, the prefetch
+/// pair) so that threads recording into different shards do not contend.
+#[repr(align(128))]
+struct ShardSlot {
+    shard: Mutex<Shard>,
+    /// Samples recorded through this shard (including those that went to the overflow
+    /// entry). Written only under the shard's lock, so a plain load and store suffice;
+    /// read without it.
+    samples: AtomicU64,
+}
+
 /// The process-wide table.
 pub(crate) struct StackTable {
-    shards: [Mutex<Shard>; SHARDS],
+    shards: [ShardSlot; SHARDS],
     overflow: Mutex<Counters>,
     unique: AtomicUsize,
     dropped: AtomicU64,
-    samples: AtomicU64,
     /// Bytes of shard storage, updated after each insertion (sampled path only).
     bytes: AtomicUsize,
 }
 
 pub(crate) static TABLE: StackTable = StackTable {
-    shards: [const { Mutex::new(Shard::new()) }; SHARDS],
+    shards: [const {
+        ShardSlot {
+            shard: Mutex::new(Shard::new()),
+            samples: AtomicU64::new(0),
+        }
+    }; SHARDS],
     overflow: Mutex::new(Counters {
         alloc_objects: 0.0,
         alloc_bytes: 0.0,
@@ -228,7 +243,6 @@ pub(crate) static TABLE: StackTable = StackTable {
     }),
     unique: AtomicUsize::new(0),
     dropped: AtomicU64::new(0),
-    samples: AtomicU64::new(0),
     bytes: AtomicUsize::new(0),
 };
 
@@ -237,10 +251,12 @@ impl StackTable {
     ///
     /// Called on the sampled path with the reentrancy mark set; may allocate (only then).
     pub(crate) fn record_alloc(&self, frames: &[usize], size: usize, weight: f64) -> StackId {
-        self.samples.fetch_add(1, Ordering::Relaxed);
         let hash = hash_stack(frames);
         let shard_no = hash as usize & (SHARDS - 1);
-        let mut shard = self.shards[shard_no].lock();
+        let slot = &self.shards[shard_no];
+        let mut shard = slot.shard.lock();
+        slot.samples
+            .store(slot.samples.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let index = match shard.find(hash, frames) {
             Ok(i) => i,
             Err(_) => {
@@ -274,7 +290,7 @@ impl StackTable {
             self.overflow.lock().add_free(size, weight);
             return;
         }
-        let mut shard = self.shards[id.shard()].lock();
+        let mut shard = self.shards[id.shard()].shard.lock();
         if let Some(e) = shard.entries.get_mut(id.index()) {
             e.counters.add_free(size, weight);
         }
@@ -283,7 +299,7 @@ impl StackTable {
     /// Copies the table into `out`, one shard at a time. Never allocates while holding a
     /// shard lock: space is reserved first and the copy retried if the shard grew.
     pub(crate) fn snapshot_into(&self, out: &mut RawSnapshot) {
-        for shard in &self.shards {
+        for ShardSlot { shard, .. } in &self.shards {
             loop {
                 let (n_entries, n_frames) = {
                     let s = shard.lock();
@@ -317,7 +333,10 @@ impl StackTable {
         self.dropped.load(Ordering::Relaxed)
     }
     pub(crate) fn samples(&self) -> u64 {
-        self.samples.load(Ordering::Relaxed)
+        self.shards
+            .iter()
+            .map(|s| s.samples.load(Ordering::Relaxed))
+            .sum()
     }
     pub(crate) fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
@@ -326,7 +345,7 @@ impl StackTable {
     /// Takes every lock of the table, in a fixed order (fork prepare).
     pub(crate) fn fork_prepare(&self) {
         for s in &self.shards {
-            s.fork_prepare();
+            s.shard.fork_prepare();
         }
         self.overflow.fork_prepare();
     }
@@ -341,7 +360,7 @@ impl StackTable {
         unsafe {
             self.overflow.fork_parent();
             for s in self.shards.iter().rev() {
-                s.fork_parent();
+                s.shard.fork_parent();
             }
         }
     }
@@ -350,7 +369,7 @@ impl StackTable {
     pub(crate) fn fork_child(&self) {
         self.overflow.fork_child();
         for s in &self.shards {
-            s.fork_child();
+            s.shard.fork_child();
         }
     }
 }

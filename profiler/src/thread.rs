@@ -11,13 +11,14 @@
 //!
 //! # Slow events
 //!
-//! `alloc_left` is armed with `min(distance to the next sample point, FLUSH_BYTES)`. When
-//! it runs out, [`alloc_event`] flushes the bytes and counts consumed since arming into the
-//! process-wide totals (one atomic add each), decides whether the allocation that crossed
-//! zero is sampled, and re-arms. So the exact totals are at most `FLUSH_BYTES` of
-//! allocation (and as much of freeing) behind per running thread; that is the staleness
-//! bound documented on [`crate::Stats`]. A thread that exits flushes what it holds from a
-//! separate thread-local destructor registered on its first slow event.
+//! `alloc_left` is armed with `min(distance to the next sample point, WINDOW)` (half of
+//! `FLUSH_BYTES`). When it runs out, [`alloc_event`] adds the bytes consumed since arming
+//! to the thread's unpublished bytes, publishes those and the count into the process-wide
+//! totals (one atomic add each) once they reach `WINDOW`, decides whether the allocation
+//! that crossed zero is sampled, and re-arms. So the exact totals are at most
+//! `FLUSH_BYTES` of allocation (and as much of freeing) behind per running thread; that is
+//! the staleness bound documented on [`crate::Stats`]. A thread that exits flushes what it
+//! holds from a separate thread-local destructor registered on its first slow event.
 
 use crate::config;
 use crate::sampler::{self, Rng};
@@ -26,6 +27,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest amount of allocation (and, separately, of freeing) a thread keeps unflushed.
 pub(crate) const FLUSH_BYTES: isize = 256 * 1024;
+
+/// Longest countdown armed between slow events, and the amount of unpublished bytes at
+/// which a slow event publishes: what a thread holds is at most what it has not published
+/// (under `WINDOW`) plus the countdown in progress (at most `WINDOW`), so within
+/// [`FLUSH_BYTES`]. Slow events that come often (every allocation is one at sample rate
+/// 1, every large allocation at any rate) then publish only every `WINDOW` bytes instead
+/// of each time: two fewer atomic read-modify-writes on a shared line per event.
+const WINDOW: isize = FLUSH_BYTES / 2;
 
 /// Distance meaning "no sample will ever be taken" (rate 0).
 const NEVER: isize = isize::MAX / 4;
@@ -43,10 +52,13 @@ pub(crate) struct ThreadState {
     sample_left: Cell<isize>,
     /// Allocations since the last flush.
     alloc_count: Cell<u64>,
-    /// Bytes of freeing left before the next free-side flush.
+    /// Bytes allocated in finished countdowns but not yet published.
+    alloc_unpublished: Cell<u64>,
+    /// Bytes of freeing left before the next free-side event.
     free_left: Cell<isize>,
     free_armed: Cell<isize>,
     free_count: Cell<u64>,
+    free_unpublished: Cell<u64>,
     /// The rate epoch `sample_left` was drawn under.
     epoch: Cell<u64>,
     rng: Cell<u64>,
@@ -61,9 +73,11 @@ thread_local! {
             alloc_armed: Cell::new(0),
             sample_left: Cell::new(0),
             alloc_count: Cell::new(0),
+            alloc_unpublished: Cell::new(0),
             free_left: Cell::new(0),
             free_armed: Cell::new(0),
             free_count: Cell::new(0),
+            free_unpublished: Cell::new(0),
             epoch: Cell::new(u64::MAX),
             rng: Cell::new(0),
             busy: Cell::new(false),
@@ -142,6 +156,13 @@ pub(crate) fn on_free(size: usize) -> bool {
     })
 }
 
+/// Whether the free countdown has run out (the free-side event is due): what
+/// [`on_free`] returned for this thread's last free.
+#[inline]
+pub(crate) fn free_due() -> bool {
+    STATE.with(|s| s.free_left.get() <= 0)
+}
+
 /// Marks or unmarks the thread; returns the previous mark.
 #[inline]
 pub(crate) fn set_busy(busy: bool) -> bool {
@@ -163,7 +184,8 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
             start_thread(s);
         }
         let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
-        flush_alloc(s, consumed);
+        // An exiting thread publishes on every event (its destructors may be its last).
+        flush_alloc(s, consumed, s.phase.get() == PHASE_EXITING);
 
         let (rate, epoch) = config::rate_and_epoch();
         let mut rng = Rng(s.rng.get());
@@ -209,18 +231,23 @@ fn arm_alloc(s: &ThreadState) {
     let armed = if s.phase.get() == PHASE_EXITING {
         0
     } else {
-        s.sample_left.get().clamp(0, FLUSH_BYTES)
+        s.sample_left.get().clamp(0, WINDOW)
     };
     s.alloc_armed.set(armed);
     s.alloc_left.set(armed);
 }
 
-fn flush_alloc(s: &ThreadState, consumed: isize) {
-    if consumed > 0 {
-        TOTALS
-            .alloc
-            .bytes
-            .fetch_add(consumed as u64, Ordering::Relaxed);
+/// Adds `consumed` bytes to what this thread has not published, and publishes it all
+/// (bytes and count) if that reaches [`WINDOW`] or `force` is set.
+fn flush_alloc(s: &ThreadState, consumed: isize, force: bool) {
+    let pending = s.alloc_unpublished.get() + consumed.max(0) as u64;
+    if !force && pending < WINDOW as u64 {
+        s.alloc_unpublished.set(pending);
+        return;
+    }
+    s.alloc_unpublished.set(0);
+    if pending > 0 {
+        TOTALS.alloc.bytes.fetch_add(pending, Ordering::Relaxed);
     }
     let count = s.alloc_count.replace(0);
     if count > 0 {
@@ -237,25 +264,30 @@ pub(crate) fn free_event() {
             // exit too.
             start_thread(s);
         }
-        flush_free(s);
+        flush_free(s, s.phase.get() == PHASE_EXITING);
         let armed = if s.phase.get() == PHASE_EXITING {
             0
         } else {
-            FLUSH_BYTES
+            WINDOW
         };
         s.free_armed.set(armed);
         s.free_left.set(armed);
     })
 }
 
-fn flush_free(s: &ThreadState) {
+/// The free side's [`flush_alloc`]: moves the countdown's bytes to the unpublished ones
+/// and publishes if they reach [`WINDOW`] or `force` is set.
+fn flush_free(s: &ThreadState, force: bool) {
     let consumed = s.free_armed.get().wrapping_sub(s.free_left.get());
     s.free_armed.set(s.free_left.get());
-    if consumed > 0 {
-        TOTALS
-            .free
-            .bytes
-            .fetch_add(consumed as u64, Ordering::Relaxed);
+    let pending = s.free_unpublished.get() + consumed.max(0) as u64;
+    if !force && pending < WINDOW as u64 {
+        s.free_unpublished.set(pending);
+        return;
+    }
+    s.free_unpublished.set(0);
+    if pending > 0 {
+        TOTALS.free.bytes.fetch_add(pending, Ordering::Relaxed);
     }
     let count = s.free_count.replace(0);
     if count > 0 {
@@ -271,11 +303,11 @@ fn flush_partial(s: &ThreadState) {
         s.alloc_armed.set(s.alloc_left.get());
         s.sample_left
             .set(s.sample_left.get().saturating_sub(consumed));
-        flush_alloc(s, consumed);
+        flush_alloc(s, consumed, true);
     } else {
-        flush_alloc(s, 0);
+        flush_alloc(s, 0, true);
     }
-    flush_free(s);
+    flush_free(s, true);
 }
 
 /// Flushes the calling thread's unflushed totals.
