@@ -6,7 +6,7 @@ alternately --runs times (the order inside a pair alternates too), measures each
 process's CPU time (user + system, from wait4's rusage: the whole process, all threads),
 and reports the median of the per-pair ratios profiled/baseline - 1.
 
-Usage: overhead.py [--runs N] [--scale F] BUILD=DIR [BUILD=DIR ...]
+Usage: overhead.py [--runs N] [--scale F] [--only W,..] [--columns C,..] BUILD=DIR ...
 """
 import argparse
 import os
@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--columns", default="",
+                    help="comma-separated column names (quick checks; the table needs all)")
     ap.add_argument("builds", nargs="+")
     a = ap.parse_args()
     builds = [b.split("=", 1) for b in a.builds]
@@ -59,6 +61,8 @@ def main():
         for wl, _ in workloads:
             iters = str(int(DEFAULT_ITERS[wl] * a.scale))
             for col, (pb, penv), (bb, benv) in PAIRS:
+                if a.columns and col not in a.columns.split(","):
+                    continue
                 ratios, ps, bs = [], [], []
                 for r in range(a.runs):
                     order = [(True, pb, penv), (False, bb, benv)]
@@ -76,6 +80,8 @@ def main():
                       f"({res[1]:.3f} s vs {res[2]:.3f} s; ratios "
                       + " ".join(f"{x:.3f}" for x in ratios) + ")",
                       file=sys.stderr, flush=True)
+    if a.columns:
+        return
     cols = [c for c, _, _ in PAIRS]
     for build, _ in builds:
         print(f"\nBuild `{build}`: CPU-time overhead, median of {a.runs} alternating pairs\n")

@@ -97,7 +97,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
             return new;
         }
         if let Some(meta) = old {
-            TABLE.record_free(meta.stack, meta.size, meta.weight);
+            TABLE.record_free(meta.stack, meta.size as usize, f64::from(meta.weight));
         }
         if thread::on_free(layout.size()) {
             thread::free_event();
@@ -134,14 +134,16 @@ fn on_alloc_slow(ptr: *mut u8, size: usize) {
 fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
     let mut stack = StackBuf::new();
     unwind::capture(&mut stack, marker);
-    let weight = sample_weight(size, rate);
-    let id = TABLE.record_alloc(stack.as_slice(), size, weight);
+    // Rounded to f32 here because the live set keeps it as an f32 (see `LiveMeta`): the
+    // free of this object must take back exactly what its allocation added.
+    let weight = sample_weight(size, rate) as f32;
+    let id = TABLE.record_alloc(stack.as_slice(), size, f64::from(weight));
     live::insert(
         ptr,
         LiveMeta {
             stack: id,
-            size,
             weight,
+            size: size as u64,
         },
     );
 }
@@ -161,9 +163,11 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
 #[cold]
 #[inline(never)]
 unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) {
-    if live::probe(ptr as usize) {
+    // Here also when only the free countdown ran out: test the filter again rather than
+    // probe the table (a cache miss) for every such free.
+    if live::may_contain(ptr as usize) && live::probe(ptr as usize) {
         if let Some(meta) = live::remove(ptr as usize) {
-            TABLE.record_free(meta.stack, meta.size, meta.weight);
+            TABLE.record_free(meta.stack, meta.size as usize, f64::from(meta.weight));
         }
     }
     if thread::free_due() {

@@ -42,7 +42,7 @@ extern "C" fn prepare() {
     symbolize::fork_locks()
         .iter()
         .for_each(|l| l.fork_prepare());
-    live::fork_lock().fork_prepare();
+    live::fork_locks().for_each(|l| l.fork_prepare());
     TABLE.fork_prepare();
 }
 
@@ -50,7 +50,9 @@ extern "C" fn parent() {
     // SAFETY: `prepare` took these locks on this thread.
     unsafe {
         TABLE.fork_parent();
-        live::fork_lock().fork_parent();
+        for l in live::fork_locks().rev() {
+            l.fork_parent();
+        }
         for l in symbolize::fork_locks().iter().rev() {
             l.fork_parent();
         }
@@ -60,8 +62,9 @@ extern "C" fn parent() {
 
 extern "C" fn child() {
     crate::unwind::reset_after_fork_in_child();
+    crate::thread::reset_after_fork_in_child();
     TABLE.fork_child();
-    live::fork_lock().fork_child();
+    live::fork_locks().for_each(|l| l.fork_child());
     symbolize::fork_locks().iter().for_each(|l| l.fork_child());
     thread::set_busy(false);
 }

@@ -1,8 +1,7 @@
 //! Exact totals and the profiler's own figures.
 
-use crate::thread::{FLUSH_BYTES, TOTALS};
+use crate::thread::FLUSH_BYTES;
 use crate::{config, live, symbolize, table::TABLE};
-use std::sync::atomic::Ordering;
 
 /// Exact allocation totals and the profiler's own figures, from [`stats`].
 ///
@@ -82,10 +81,7 @@ impl Stats {
 /// one short lock of the symbol cache. See [`Stats`] for how fresh the totals are.
 pub fn stats() -> Stats {
     crate::thread::flush_current();
-    let allocated_bytes = TOTALS.alloc.bytes.load(Ordering::Relaxed);
-    let allocations = TOTALS.alloc.count.load(Ordering::Relaxed);
-    let freed_bytes = TOTALS.free.bytes.load(Ordering::Relaxed);
-    let frees = TOTALS.free.count.load(Ordering::Relaxed);
+    let (allocated_bytes, allocations, freed_bytes, frees) = crate::thread::published();
     let (symbols, symbol_bytes) = symbolize::cache_size();
     let live_samples = live::live_count() as u64;
     // The live set's static pages are touched only as samples land in them: each

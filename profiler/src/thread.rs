@@ -11,30 +11,22 @@
 //!
 //! # Slow events
 //!
-//! `alloc_left` is armed with `min(distance to the next sample point, WINDOW)` (half of
-//! `FLUSH_BYTES`). When it runs out, [`alloc_event`] adds the bytes consumed since arming
-//! to the thread's unpublished bytes, publishes those and the count into the process-wide
-//! totals (one atomic add each) once they reach `WINDOW`, decides whether the allocation
-//! that crossed zero is sampled, and re-arms. So the exact totals are at most
-//! `FLUSH_BYTES` of allocation (and as much of freeing) behind per running thread; that is
-//! the staleness bound documented on [`crate::Stats`]. A thread that exits flushes what it
-//! holds from a separate thread-local destructor registered on its first slow event.
+//! `alloc_left` is armed with `min(distance to the next sample point, FLUSH_BYTES)`. When
+//! it runs out, [`alloc_event`] publishes the bytes and counts consumed since arming (into
+//! the thread's own slot of counters, see [`SLOT_COUNT`]; a plain load and store each),
+//! decides whether the allocation that crossed
+//! zero is sampled, and re-arms. So the exact totals are at most `FLUSH_BYTES` of
+//! allocation (and as much of freeing) behind per running thread; that is the staleness
+//! bound documented on [`crate::Stats`]. A thread that exits flushes what it holds from a
+//! separate thread-local destructor registered on its first slow event.
 
 use crate::config;
 use crate::sampler::{self, Rng};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Largest amount of allocation (and, separately, of freeing) a thread keeps unflushed.
 pub(crate) const FLUSH_BYTES: isize = 256 * 1024;
-
-/// Longest countdown armed between slow events, and the amount of unpublished bytes at
-/// which a slow event publishes: what a thread holds is at most what it has not published
-/// (under `WINDOW`) plus the countdown in progress (at most `WINDOW`), so within
-/// [`FLUSH_BYTES`]. Slow events that come often (every allocation is one at sample rate
-/// 1, every large allocation at any rate) then publish only every `WINDOW` bytes instead
-/// of each time: two fewer atomic read-modify-writes on a shared line per event.
-const WINDOW: isize = FLUSH_BYTES / 2;
 
 /// Distance meaning "no sample will ever be taken" (rate 0).
 const NEVER: isize = isize::MAX / 4;
@@ -52,18 +44,17 @@ pub(crate) struct ThreadState {
     sample_left: Cell<isize>,
     /// Allocations since the last flush.
     alloc_count: Cell<u64>,
-    /// Bytes allocated in finished countdowns but not yet published.
-    alloc_unpublished: Cell<u64>,
-    /// Bytes of freeing left before the next free-side event.
+    /// Bytes of freeing left before the next free-side flush.
     free_left: Cell<isize>,
     free_armed: Cell<isize>,
     free_count: Cell<u64>,
-    free_unpublished: Cell<u64>,
     /// The rate epoch `sample_left` was drawn under.
     epoch: Cell<u64>,
     rng: Cell<u64>,
     busy: Cell<bool>,
     phase: Cell<u8>,
+    /// This thread's slot of [`SLOTS`], or [`NO_SLOT`] (publish into [`TOTALS`]).
+    slot: Cell<u16>,
 }
 
 thread_local! {
@@ -73,15 +64,14 @@ thread_local! {
             alloc_armed: Cell::new(0),
             sample_left: Cell::new(0),
             alloc_count: Cell::new(0),
-            alloc_unpublished: Cell::new(0),
             free_left: Cell::new(0),
             free_armed: Cell::new(0),
             free_count: Cell::new(0),
-            free_unpublished: Cell::new(0),
             epoch: Cell::new(u64::MAX),
             rng: Cell::new(0),
             busy: Cell::new(false),
             phase: Cell::new(PHASE_NEW),
+            slot: Cell::new(NO_SLOT),
         }
     };
 }
@@ -95,6 +85,9 @@ impl Drop for ExitFlush {
         STATE.with(|s| {
             s.phase.set(PHASE_EXITING);
             flush_partial(s);
+            // Hand the slot back (its totals stay in it, see `Slot`); later events of this
+            // thread publish into the shared totals.
+            release_slot(s);
             // From now on every allocation and free of this thread flushes at once.
             s.alloc_left.set(0);
             s.alloc_armed.set(0);
@@ -117,7 +110,8 @@ pub(crate) struct Counter {
     pub(crate) count: AtomicU64,
 }
 
-/// Process-wide exact totals, flushed into by slow events.
+/// Process-wide exact totals shared by every thread without a slot of its own (more
+/// threads than [`SLOT_COUNT`], exiting threads) and by counted regions.
 pub(crate) struct Totals {
     pub(crate) alloc: Counter,
     pub(crate) free: Counter,
@@ -184,8 +178,7 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
             start_thread(s);
         }
         let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
-        // An exiting thread publishes on every event (its destructors may be its last).
-        flush_alloc(s, consumed, s.phase.get() == PHASE_EXITING);
+        flush_alloc(s, consumed);
 
         let (rate, epoch) = config::rate_and_epoch();
         let mut rng = Rng(s.rng.get());
@@ -231,28 +224,15 @@ fn arm_alloc(s: &ThreadState) {
     let armed = if s.phase.get() == PHASE_EXITING {
         0
     } else {
-        s.sample_left.get().clamp(0, WINDOW)
+        s.sample_left.get().clamp(0, FLUSH_BYTES)
     };
     s.alloc_armed.set(armed);
     s.alloc_left.set(armed);
 }
 
-/// Adds `consumed` bytes to what this thread has not published, and publishes it all
-/// (bytes and count) if that reaches [`WINDOW`] or `force` is set.
-fn flush_alloc(s: &ThreadState, consumed: isize, force: bool) {
-    let pending = s.alloc_unpublished.get() + consumed.max(0) as u64;
-    if !force && pending < WINDOW as u64 {
-        s.alloc_unpublished.set(pending);
-        return;
-    }
-    s.alloc_unpublished.set(0);
-    if pending > 0 {
-        TOTALS.alloc.bytes.fetch_add(pending, Ordering::Relaxed);
-    }
+fn flush_alloc(s: &ThreadState, consumed: isize) {
     let count = s.alloc_count.replace(0);
-    if count > 0 {
-        TOTALS.alloc.count.fetch_add(count, Ordering::Relaxed);
-    }
+    publish(s, Dir::Alloc, consumed.max(0) as u64, count);
 }
 
 /// The free-side flush: publishes the freed bytes and count and re-arms.
@@ -264,34 +244,148 @@ pub(crate) fn free_event() {
             // exit too.
             start_thread(s);
         }
-        flush_free(s, s.phase.get() == PHASE_EXITING);
+        flush_free(s);
         let armed = if s.phase.get() == PHASE_EXITING {
             0
         } else {
-            WINDOW
+            FLUSH_BYTES
         };
         s.free_armed.set(armed);
         s.free_left.set(armed);
     })
 }
 
-/// The free side's [`flush_alloc`]: moves the countdown's bytes to the unpublished ones
-/// and publishes if they reach [`WINDOW`] or `force` is set.
-fn flush_free(s: &ThreadState, force: bool) {
+fn flush_free(s: &ThreadState) {
     let consumed = s.free_armed.get().wrapping_sub(s.free_left.get());
     s.free_armed.set(s.free_left.get());
-    let pending = s.free_unpublished.get() + consumed.max(0) as u64;
-    if !force && pending < WINDOW as u64 {
-        s.free_unpublished.set(pending);
+    let count = s.free_count.replace(0);
+    publish(s, Dir::Free, consumed.max(0) as u64, count);
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Alloc,
+    Free,
+}
+
+/// Adds `bytes` and `count` to this thread's published totals: its own slot if it has
+/// one (a plain load and store on a line no other thread writes), else the shared ones.
+#[inline]
+fn publish(s: &ThreadState, dir: Dir, bytes: u64, count: u64) {
+    if bytes == 0 && count == 0 {
         return;
     }
-    s.free_unpublished.set(0);
-    if pending > 0 {
-        TOTALS.free.bytes.fetch_add(pending, Ordering::Relaxed);
+    match SLOTS.get(s.slot.get() as usize) {
+        Some(slot) => {
+            let c = match dir {
+                Dir::Alloc => &slot.alloc,
+                Dir::Free => &slot.free,
+            };
+            // Single writer (the slot's owner), so no read-modify-write is needed;
+            // readers see each word move forward.
+            c.bytes
+                .store(c.bytes.load(Ordering::Relaxed) + bytes, Ordering::Relaxed);
+            c.count
+                .store(c.count.load(Ordering::Relaxed) + count, Ordering::Relaxed);
+        }
+        None => {
+            let c = match dir {
+                Dir::Alloc => &TOTALS.alloc,
+                Dir::Free => &TOTALS.free,
+            };
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+            c.count.fetch_add(count, Ordering::Relaxed);
+        }
     }
-    let count = s.free_count.replace(0);
-    if count > 0 {
-        TOTALS.free.count.fetch_add(count, Ordering::Relaxed);
+}
+
+/// Published totals of threads that own (or once owned) a slot.
+///
+/// Every thread that allocates publishes at each slow event. With one shared counter, two
+/// busy threads bounced its cache line between cores on every publish (in the churn
+/// benchmark that was a third of the profiler's time). So a thread claims a slot on its
+/// first slow event and publishes into it alone. A slot's counters are cumulative: when
+/// its thread exits the slot is marked free with its totals left in place, and the next
+/// thread to claim it keeps adding to them. Readers sum the shared totals and every slot.
+#[repr(align(128))]
+struct Slot {
+    owned: AtomicBool,
+    alloc: SlotCounter,
+    free: SlotCounter,
+}
+
+struct SlotCounter {
+    bytes: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Threads that can have a slot at once; more publish into [`TOTALS`].
+pub(crate) const SLOT_COUNT: usize = 256;
+const NO_SLOT: u16 = u16::MAX;
+
+#[allow(clippy::declare_interior_mutable_const)] // used only as the array initialiser
+const FREE_SLOT: Slot = Slot {
+    owned: AtomicBool::new(false),
+    alloc: SlotCounter {
+        bytes: AtomicU64::new(0),
+        count: AtomicU64::new(0),
+    },
+    free: SlotCounter {
+        bytes: AtomicU64::new(0),
+        count: AtomicU64::new(0),
+    },
+};
+static SLOTS: [Slot; SLOT_COUNT] = [FREE_SLOT; SLOT_COUNT];
+
+/// Claims a free slot for this thread (starting at one picked from its address), or
+/// leaves it without one if all are taken.
+fn claim_slot(s: &ThreadState) {
+    let start = (s as *const ThreadState as usize >> 12) % SLOT_COUNT;
+    for i in 0..SLOT_COUNT {
+        let n = (start + i) % SLOT_COUNT;
+        if SLOTS[n]
+            .owned
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            s.slot.set(n as u16);
+            return;
+        }
+    }
+}
+
+/// Gives the slot back; Release so that the next owner's Acquire sees the final totals.
+fn release_slot(s: &ThreadState) {
+    if let Some(slot) = SLOTS.get(s.slot.replace(NO_SLOT) as usize) {
+        slot.owned.store(false, Ordering::Release);
+    }
+}
+
+/// The published totals: `(allocated bytes, allocations, freed bytes, frees)`.
+pub(crate) fn published() -> (u64, u64, u64, u64) {
+    let mut t = (
+        TOTALS.alloc.bytes.load(Ordering::Relaxed),
+        TOTALS.alloc.count.load(Ordering::Relaxed),
+        TOTALS.free.bytes.load(Ordering::Relaxed),
+        TOTALS.free.count.load(Ordering::Relaxed),
+    );
+    for slot in &SLOTS {
+        t.0 += slot.alloc.bytes.load(Ordering::Relaxed);
+        t.1 += slot.alloc.count.load(Ordering::Relaxed);
+        t.2 += slot.free.bytes.load(Ordering::Relaxed);
+        t.3 += slot.free.count.load(Ordering::Relaxed);
+    }
+    t
+}
+
+/// In a child process after `fork`: only the forking thread survives, so every slot but
+/// its own is free. Does not allocate.
+pub(crate) fn reset_after_fork_in_child() {
+    let mine = STATE.try_with(|s| s.slot.get()).unwrap_or(NO_SLOT);
+    for (n, slot) in SLOTS.iter().enumerate() {
+        if n != mine as usize {
+            slot.owned.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -303,11 +397,11 @@ fn flush_partial(s: &ThreadState) {
         s.alloc_armed.set(s.alloc_left.get());
         s.sample_left
             .set(s.sample_left.get().saturating_sub(consumed));
-        flush_alloc(s, consumed, true);
+        flush_alloc(s, consumed);
     } else {
-        flush_alloc(s, 0, true);
+        flush_alloc(s, 0);
     }
-    flush_free(s, true);
+    flush_free(s);
 }
 
 /// Flushes the calling thread's unflushed totals.
@@ -339,6 +433,8 @@ fn start_thread(s: &ThreadState) {
     // its thread-local destructors, in which case it flushes on every event from now on.
     if EXIT_FLUSH.try_with(|_| ()).is_err() {
         s.phase.set(PHASE_EXITING);
+    } else {
+        claim_slot(s);
     }
     s.busy.set(false);
 }
