@@ -132,6 +132,7 @@ fn on_alloc_slow(ptr: *mut u8, size: usize) {
 /// the mark).
 #[inline(never)]
 fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
+    live::prefetch(ptr);
     let mut stack = StackBuf::new();
     unwind::capture(&mut stack, marker);
     // Rounded to f32 here because the live set keeps it as an f32 (see `LiveMeta`): the

@@ -214,6 +214,21 @@ pub(crate) fn probe(ptr: usize) -> bool {
     false
 }
 
+/// Starts loading the line `ptr` would be inserted at, so that the cache miss overlaps the
+/// stack capture that comes before the insertion.
+#[inline(always)]
+pub(crate) fn prefetch(ptr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults and has no effect on program
+    // semantics; SSE is part of the x86_64 baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((&TABLE[home(ptr) >> 1] as *const Line).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ptr;
+}
+
 /// Adds `delta` to the count of `line` and keeps its filter bit in step. Under the lock
 /// of the line's stripe.
 fn count_line(_w: &mut Writer, line: usize, delta: i32) {

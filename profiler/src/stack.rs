@@ -60,11 +60,53 @@ impl StackBuf {
         self.len < MAX_DEPTH
     }
 
+    /// A writer over the free part of the buffer, for a walker's inner loop: it keeps its
+    /// count in a register where `push` would load and store `len` for every frame. The
+    /// frames written become part of the stack when the writer is dropped.
+    #[inline]
+    pub(crate) fn writer(&mut self) -> StackWriter<'_> {
+        let start = self.len;
+        StackWriter {
+            buf: self,
+            n: start,
+        }
+    }
+
     /// The captured return addresses, innermost (leaf) first.
     pub(crate) fn as_slice(&self) -> &[usize] {
         // SAFETY: `frames[..len]` were written by `push` (the invariant of `len`), and
         // `MaybeUninit<usize>` has the layout of `usize`.
         unsafe { std::slice::from_raw_parts(self.frames.as_ptr().cast::<usize>(), self.len) }
+    }
+}
+
+/// See [`StackBuf::writer`].
+pub(crate) struct StackWriter<'a> {
+    buf: &'a mut StackBuf,
+    /// Frames initialised so far, counting those before the writer.
+    n: usize,
+}
+
+impl StackWriter<'_> {
+    /// As [`StackBuf::push`].
+    #[inline(always)]
+    pub(crate) fn push(&mut self, addr: usize) -> bool {
+        match self.buf.frames.get_mut(self.n) {
+            Some(slot) => {
+                slot.write(addr);
+                self.n += 1;
+                self.n < MAX_DEPTH
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for StackWriter<'_> {
+    fn drop(&mut self) {
+        // `frames[..n]` are initialised: those before the writer were, and it wrote the
+        // rest in order.
+        self.buf.len = self.n;
     }
 }
 

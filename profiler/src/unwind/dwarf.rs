@@ -165,11 +165,35 @@ const SETS: usize = 1024;
 
 /// One slot's state: the rule cache and gimli's context for running CFI programs.
 struct SlotState {
+    /// The rules of the last walk that used this slot, by depth. A thread's stacks share
+    /// their outer frames from one capture to the next, and a thread keeps its slot while
+    /// it is not contended, so most frames find their rule here: a sequential read of a
+    /// small array instead of a probe at a random place in the cache, which in a program
+    /// that keeps the cache busy is a miss.
+    by_depth: [Entry; DEPTH_MEMO],
     entries: [[Entry; 2]; SETS],
     ctx: UnwindContext<usize>,
 }
 
+/// Frames remembered by depth.
+const DEPTH_MEMO: usize = crate::stack::MAX_DEPTH;
+
 impl SlotState {
+    /// The rule for `pc`, met at `depth` frames from the start of the walk.
+    #[inline(always)]
+    fn rule_at(&mut self, depth: usize, modules: &Modules, pc: usize) -> Rule {
+        match self.by_depth.get(depth) {
+            Some(e) if e.pc == pc => e.rule,
+            _ => {
+                let rule = self.rule(modules, pc);
+                if let Some(e) = self.by_depth.get_mut(depth) {
+                    *e = Entry { pc, rule };
+                }
+                rule
+            }
+        }
+    }
+
     /// The rule for `pc`, from the cache or derived and cached.
     #[inline(always)]
     fn rule(&mut self, modules: &Modules, pc: usize) -> Rule {
@@ -293,6 +317,7 @@ impl SlotGuard {
         cell.get_or_insert_with(|| {
             CREATED.fetch_add(1, Ordering::Relaxed);
             Box::new(SlotState {
+                by_depth: [EMPTY_ENTRY; DEPTH_MEMO],
                 entries: [[EMPTY_ENTRY; 2]; SETS],
                 ctx: UnwindContext::new(),
             })
@@ -441,10 +466,11 @@ fn walk(
     mut bp: usize,
 ) -> Walked {
     const WORD: isize = std::mem::size_of::<usize>() as isize;
+    let mut buf = buf.writer();
     // Every step strictly raises the stack pointer inside bounded memory, so the loop
     // ends; the cap is a second guard.
-    for _ in 0..4 * crate::stack::MAX_DEPTH {
-        let rule = state.rule(modules, pc);
+    for depth in 0..4 * crate::stack::MAX_DEPTH {
+        let rule = state.rule_at(depth, modules, pc);
         let base = match rule.base {
             Base::Sp => sp,
             Base::Bp => bp,

@@ -104,6 +104,7 @@ pub(super) fn walk(
     if !bounds.contains(fp, RECORD) {
         return None;
     }
+    let mut buf = buf.writer();
     loop {
         let Some((next, ret)) = bounds.read_record(fp) else {
             return Some(End::Done);
