@@ -229,6 +229,9 @@ fn set_index(pc: usize) -> usize {
 /// first use, so an unused slot costs 16 bytes.
 const SLOTS: usize = 8;
 
+/// On lines of its own: threads try-lock different slots at every capture, and slots that
+/// shared a line passed it back and forth between their cores.
+#[repr(align(128))]
 struct Slot {
     busy: AtomicBool,
     state: UnsafeCell<Option<Box<SlotState>>>,
