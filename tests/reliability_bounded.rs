@@ -42,8 +42,8 @@ const LIVE_SET_BYTES: u64 = (1 << 17) * (8 + 24);
 const FLAT_SLACK: i64 = 256 * 1024;
 
 /// Most memory the DWARF unwinder's lazily created rule caches can take
-/// (`profiler/src/unwind/dwarf.rs`: 8 slots × `SLOT_BYTES` = 59672 bytes on x86_64).
-const UNWINDER_CACHES_MAX: u64 = 8 * 59_672;
+/// (`profiler/src/unwind/dwarf.rs`: 8 slots × `SLOT_BYTES` = 59688 bytes on x86_64).
+const UNWINDER_CACHES_MAX: u64 = 8 * 59_688;
 
 /// The documented bound on the stack table's bytes for `max_stacks` stacks.
 fn table_cap(max_stacks: u64) -> u64 {
@@ -154,7 +154,7 @@ fn a_million_distinct_stacks_stay_under_the_cap() {
         end.profiler_bytes
     );
     // Once full, only the DWARF unwinder may still create rule caches: lazily, one slot
-    // (59672 bytes each) at a time, at most 8 slots in the process.
+    // (59688 bytes each) at a time, at most 8 slots in the process.
     assert!(
         end.profiler_bytes >= full.profiler_bytes
             && end.profiler_bytes - full.profiler_bytes <= UNWINDER_CACHES_MAX,

@@ -170,8 +170,8 @@ struct SlotState {
     /// it is not contended, so most frames find their rule here: a sequential read of a
     /// small array instead of a probe at a random place in the cache, which in a program
     /// that keeps the cache busy is a miss.
-    by_depth: [Entry; DEPTH_MEMO],
-    entries: [[Entry; 2]; SETS],
+    by_depth: Box<[Entry; DEPTH_MEMO]>,
+    entries: Box<[[Entry; 2]; SETS]>,
     ctx: UnwindContext<usize>,
 }
 
@@ -179,6 +179,27 @@ struct SlotState {
 const DEPTH_MEMO: usize = crate::stack::MAX_DEPTH;
 
 impl SlotState {
+    /// A new, empty state, built on the heap: built on the stack first (as `Box::new` of a
+    /// literal is), its 48 KiB would also give every function it is inlined into a frame
+    /// that large, probed page by page on each call. (The conversions to fixed-size boxes
+    /// cannot fail, the lengths being right; `?` rather than `unwrap` keeps panics out of
+    /// the allocator path.)
+    #[cold]
+    #[inline(never)]
+    fn create() -> Option<Box<SlotState>> {
+        Some(Box::new(SlotState {
+            by_depth: vec![EMPTY_ENTRY; DEPTH_MEMO]
+                .into_boxed_slice()
+                .try_into()
+                .ok()?,
+            entries: vec![[EMPTY_ENTRY; 2]; SETS]
+                .into_boxed_slice()
+                .try_into()
+                .ok()?,
+            ctx: UnwindContext::new(),
+        }))
+    }
+
     /// The rule for `pc`, met at `depth` frames from the start of the walk.
     #[inline(always)]
     fn rule_at(&mut self, depth: usize, modules: &Modules, pc: usize) -> Rule {
@@ -253,8 +274,10 @@ static CREATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Heap bytes of one slot: the cache itself and the row stack of gimli's unwind context
 /// (`StoreOnHeap` boxes four rows).
-pub(super) const SLOT_BYTES: usize =
-    std::mem::size_of::<SlotState>() + 4 * std::mem::size_of::<gimli::UnwindTableRow<usize>>();
+pub(super) const SLOT_BYTES: usize = std::mem::size_of::<SlotState>()
+    + std::mem::size_of::<[Entry; DEPTH_MEMO]>()
+    + std::mem::size_of::<[[Entry; 2]; SETS]>()
+    + 4 * std::mem::size_of::<gimli::UnwindTableRow<usize>>();
 
 /// In a child process after `fork`: only the forking thread survives, so slots that other
 /// threads held at the fork, and a module list another thread was building, would stay
@@ -280,7 +303,7 @@ pub(super) fn warm_all_caches() {
             .is_ok()
         {
             let mut guard = SlotGuard(slot);
-            guard.state();
+            let _ = guard.state();
         }
     }
 }
@@ -312,19 +335,17 @@ impl SlotGuard {
     }
 
     /// The slot's state, created on first use (allocates: called with the reentrancy mark
-    /// set).
-    fn state(&mut self) -> &mut SlotState {
+    /// set). Never `None` in fact (see [`SlotState::create`]).
+    #[inline]
+    fn state(&mut self) -> Option<&mut SlotState> {
         // SAFETY: this guard holds the slot's try-lock, so no other reference to the cell's
         // contents exists; the returned borrow ends before the guard releases the lock.
         let cell = unsafe { &mut *self.0.state.get() };
-        cell.get_or_insert_with(|| {
+        if cell.is_none() {
+            *cell = Some(SlotState::create()?);
             CREATED.fetch_add(1, Ordering::Relaxed);
-            Box::new(SlotState {
-                by_depth: [EMPTY_ENTRY; DEPTH_MEMO],
-                entries: [[EMPTY_ENTRY; 2]; SETS],
-                ctx: UnwindContext::new(),
-            })
-        })
+        }
+        cell.as_deref_mut()
     }
 }
 
@@ -412,7 +433,10 @@ pub(super) fn capture(buf: &mut StackBuf, marker: usize) -> bool {
     };
     // The first frame is this function at `ip` itself: its rule is looked up at `ip`
     // exactly, and its return address (into our caller) is the first one read.
-    walk(buf, marker, &bounds, modules, slot.state(), ip, sp, bp);
+    let Some(state) = slot.state() else {
+        return false;
+    };
+    walk(buf, marker, &bounds, modules, state, ip, sp, bp);
     true
 }
 
@@ -447,7 +471,7 @@ pub(super) fn resume(
         marker,
         &bounds,
         modules,
-        slot.state(),
+        slot.state()?,
         ip - 1,
         sp,
         bp,
