@@ -5,7 +5,8 @@
 //! (the `backtrace` crate's parsed DWARF of the binary) stay allocated afterwards. A
 //! counting inner allocator measures the whole process's heap before and after one
 //! export; the growth must show up in `Stats::profiler_bytes` (the figure a user watches
-//! and the cap is stated in), within a small slack.
+//! and the cap is stated in), within a small slack. A second export, which needs no new
+//! symbols, must release the parsed debug information again.
 
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
@@ -42,10 +43,31 @@ fn export_leftovers_are_in_profiler_bytes() {
         s1.symbol_cache_entries,
         s1.in_use_bytes as i64 - s0.in_use_bytes as i64,
     );
-    drop(kept);
     assert!(
         retained <= accounted + SLACK,
         "an export left {retained} bytes allocated but profiler_bytes grew by only {accounted}"
+    );
+
+    // The second export finds every address in the symbol cache, so the parsed debug
+    // information is released: what stays is the per-address cache.
+    black_box(allocprof::heap_pprof());
+    let s2 = allocprof::stats();
+    let h2 = common::LIVE.load(Ordering::Relaxed);
+    let retained2 = h2 - h0;
+    let accounted2 = s2.profiler_bytes as i64 - s0.profiler_bytes as i64;
+    println!(
+        "after the second export: {retained2} bytes left allocated, profiler_bytes {accounted2} \
+         above the start"
+    );
+    drop(kept);
+    assert!(
+        retained2 < retained / 4,
+        "the second export should release the debug information: {retained2} bytes left \
+         (the first left {retained})"
+    );
+    assert!(
+        retained2 <= accounted2 + SLACK,
+        "{retained2} bytes left allocated but profiler_bytes is only {accounted2} above the start"
     );
     allocprof::set_sample_rate(allocprof::DEFAULT_SAMPLE_RATE);
 }

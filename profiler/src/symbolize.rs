@@ -7,6 +7,15 @@
 //! under the lock, resolved outside it, and inserted under it again. The work runs with
 //! the reentrancy mark set, so the symbolizer's own (large) allocations are never sampled
 //! into the user's profile; they still count in the exact totals.
+//!
+//! # Memory
+//!
+//! Resolving makes `backtrace` parse and keep the binary's debug information: tens of
+//! megabytes for a service binary (the units of std and core alone are large). It is needed
+//! while new addresses keep coming, which they do in a process's first profiles, and not
+//! after. So a symbolization that finds every address already in our cache releases it
+//! (`backtrace::clear_symbol_cache`): what stays is our per-address cache, a few hundred
+//! bytes per address. A later new address parses again (about 0.1 s for the demo).
 
 use crate::guard::ReentrancyGuard;
 use crate::lock::{ForkLock, Mutex};
@@ -41,10 +50,12 @@ static SYMBOLIZER_BYTES: AtomicI64 = AtomicI64::new(0);
 /// cannot reach from a fork handler; holding ours across `fork` keeps the child from
 /// inheriting theirs locked. Lock order: SYMBOLIZER, then CACHE.
 static SYMBOLIZER: Mutex<()> = Mutex::new(());
+/// Whether `backtrace` holds parsed debug information. Lock order: after SYMBOLIZER.
+static DWARF_LOADED: Mutex<bool> = Mutex::new(false);
 
 /// The symbolizer's locks in their lock order, for `fork.rs`.
-pub(crate) fn fork_locks() -> [&'static dyn ForkLock; 2] {
-    [&SYMBOLIZER, &CACHE]
+pub(crate) fn fork_locks() -> [&'static dyn ForkLock; 3] {
+    [&SYMBOLIZER, &DWARF_LOADED, &CACHE]
 }
 
 /// Resolves every address (cached), returning symbols in the same order.
@@ -63,10 +74,12 @@ pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
         m
     };
     let resolved: Vec<(usize, Symbols)> = if missing.is_empty() {
+        release_debug_info();
         Vec::new()
     } else {
         let _symbolizer = SYMBOLIZER.lock();
         let _measure = crate::thread::Region::counted(&SYMBOLIZER_BYTES);
+        *DWARF_LOADED.lock() = true;
         missing.into_iter().map(|a| (a, resolve(a))).collect()
     };
     let mut cache = CACHE.lock();
@@ -84,6 +97,17 @@ pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
                 .unwrap_or_else(|| Arc::from(Vec::new()))
         })
         .collect()
+}
+
+/// Drops `backtrace`'s parsed debug information, if it holds any (see the module docs).
+fn release_debug_info() {
+    let _symbolizer = SYMBOLIZER.lock();
+    let mut loaded = DWARF_LOADED.lock();
+    if *loaded {
+        let _measure = crate::thread::Region::counted(&SYMBOLIZER_BYTES);
+        backtrace::clear_symbol_cache();
+        *loaded = false;
+    }
 }
 
 /// Number of cached addresses, and the bytes the symbolizer holds: everything allocated
