@@ -17,9 +17,9 @@
 //!
 //! | name | how | per frame | one sampled allocation, depth 30 | needs |
 //! |---|---|---|---|---|
-//! | `fp` | frame-pointer chain, bounds-checked ([`fp`]); frames outside the main program (glibc's thread and process start) finished with `dwarf` once per thread ([`tail`]) | ~3 ns | 0.23–0.33 µs | `-C force-frame-pointers=yes` |
-//! | `dwarf` | `.eh_frame` rules evaluated by framehop, cached per address ([`dwarf`]) | ~11 ns warm, ~1 µs a cache miss | 0.6–0.65 µs | nothing (Linux x86_64) |
-//! | `libgcc` | the `backtrace` crate over `_Unwind_Backtrace` ([`libgcc`]) | ~100 ns | 4.8 µs | nothing |
+//! | `fp` | frame-pointer chain, bounds-checked ([`fp`]); frames outside the main program (glibc's thread and process start) finished with `dwarf` once per thread ([`tail`]) | ~3 ns | 0.19 µs | `-C force-frame-pointers=yes` |
+//! | `dwarf` | `.eh_frame` CFI reduced to a per-address rule by gimli, cached, and remembered by depth ([`dwarf`]) | ~4 ns warm, a few µs a cache miss | 0.21 µs | nothing (Linux x86_64) |
+//! | `libgcc` | the `backtrace` crate over `_Unwind_Backtrace` ([`libgcc`]) | ~100 ns | 4.9 µs | nothing |
 //!
 //! (Criterion, `benches/benches/sampled.rs`, 2-CPU AMD EPYC; the sampled allocation
 //! includes the table and live-set updates and the free. See `benches/README.md`.)
