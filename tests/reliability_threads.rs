@@ -375,6 +375,42 @@ fn short_lived_threads_keep_totals_consistent() {
     pool().clear();
 }
 
+/// More threads alive at once than the profiler has per-thread counter slots
+/// (`SLOT_COUNT` = 256 in `profiler/src/thread.rs`): the ones without a slot publish into
+/// the shared totals, and slots freed by exiting threads are handed on with their totals.
+const CROWD: usize = 300;
+
+#[test]
+fn more_threads_than_counter_slots_keep_totals_exact() {
+    let _serial = serial();
+    for round in 0..2 {
+        check_totals_around(&format!("crowd of {CROWD}, round {round}"), || {
+            let all_alive = std::sync::Arc::new(std::sync::Barrier::new(CROWD));
+            let handles: Vec<_> = (0..CROWD)
+                .map(|n| {
+                    let all_alive = std::sync::Arc::clone(&all_alive);
+                    std::thread::Builder::new()
+                        .stack_size(128 * 1024)
+                        .spawn(move || {
+                            // Enough to take a slow event (and so a slot) before the
+                            // barrier, and more after it.
+                            let before: Vec<u8> = vec![n as u8; 300 * 1024];
+                            all_alive.wait();
+                            let after: Vec<Box<[u8]>> = (0..50)
+                                .map(|i| vec![i as u8; 100 + n + i].into_boxed_slice())
+                                .collect();
+                            black_box((before, after));
+                        })
+                        .expect("spawn")
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("crowd thread panicked");
+            }
+        });
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Exit while other threads sample.
 
