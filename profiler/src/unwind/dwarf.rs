@@ -47,7 +47,7 @@
 //! (the root: `_start`, `clone3`).
 
 use super::bounds::StackBounds;
-use crate::stack::StackBuf;
+use crate::stack::{ReturnAddress, StackBuf};
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, LittleEndian, ParsedEhFrameHdr,
     RegisterRule, UnwindContext, UnwindSection, X86_64,
@@ -472,7 +472,7 @@ pub(super) fn resume(
         &bounds,
         modules,
         slot.state()?,
-        ip - 1,
+        ReturnAddress(ip).lookup().0,
         sp,
         bp,
     ))
@@ -527,7 +527,7 @@ fn walk(
         if sp > marker && !buf.push(ret) {
             return Walked::Stopped;
         }
-        pc = ret - 1;
+        pc = ReturnAddress(ret).lookup().0;
     }
     Walked::Stopped
 }
