@@ -68,12 +68,14 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // Both tests run unconditionally (`|`, not `||`) so that the common case is one
-        // predictable branch, and both outcomes end in a tail call: the fast path needs
-        // no stack frame at all.
-        if live::may_contain(ptr as usize) | thread::on_free(layout.size()) {
+        // Every outcome ends in a tail call: the fast path needs no stack frame at all.
+        if live::may_contain(ptr as usize) {
             // SAFETY: forwarded unchanged.
-            return unsafe { dealloc_slow(&self.inner, ptr, layout) };
+            return unsafe { dealloc_slow::<A, false>(&self.inner, ptr, layout) };
+        }
+        if thread::on_free(layout.size()) {
+            // SAFETY: forwarded unchanged.
+            return unsafe { dealloc_slow::<A, true>(&self.inner, ptr, layout) };
         }
         // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
         unsafe { self.inner.dealloc(ptr, layout) };
@@ -150,7 +152,8 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
     );
 }
 
-/// A free that may be of a sampled object, or that ran out the thread's free countdown.
+/// A free that may be of a sampled object, or that ran out the thread's free countdown
+/// (`COUNTED`: the fast path has already taken this free off the countdown).
 ///
 /// The sample is forgotten *before* the memory goes back: once it is back, another
 /// thread may be handed the same address and sample it. The real free comes last, as a
@@ -164,7 +167,11 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
 /// As for [`GlobalAlloc::dealloc`] on `inner`.
 #[cold]
 #[inline(never)]
-unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) {
+unsafe fn dealloc_slow<A: GlobalAlloc, const COUNTED: bool>(
+    inner: &A,
+    ptr: *mut u8,
+    layout: Layout,
+) {
     // Here also when only the free countdown ran out: test the filter again rather than
     // probe the table (a cache miss) for every such free.
     if live::may_contain(ptr as usize) && live::probe(ptr as usize) {
@@ -172,7 +179,12 @@ unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) 
             TABLE.record_free(meta.stack, meta.size as usize, f64::from(meta.weight));
         }
     }
-    if thread::free_due() {
+    let due = if COUNTED {
+        thread::free_due()
+    } else {
+        thread::on_free(layout.size())
+    };
+    if due {
         thread::free_event();
     }
     // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
