@@ -22,8 +22,8 @@ use std::alloc::{GlobalAlloc, Layout};
 /// # What it costs
 ///
 /// An allocation or free that is not sampled costs a thread-local decrement, an
-/// increment and a branch; a free also tests one bit of the live set's summary (a
-/// 512-byte array that stays in cache). About 1 ns per allocation and free together (criterion,
+/// increment and a branch; a free also tests one bit of the live set's filter (an 8 KiB
+/// array that stays in cache). About 1 ns per allocation and free together (criterion,
 /// `benches/`). Sampled allocations (one per [`crate::sample_rate`] bytes on average)
 /// capture the stack and update the table: about 0.2 µs at a stack depth of 30.
 pub struct Profiler<A> {
@@ -68,14 +68,12 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // Every outcome ends in a tail call: the fast path needs no stack frame at all.
-        if live::may_contain(ptr as usize) {
+        // Both tests run unconditionally (`|`, not `||`) so that the common case is one
+        // predictable branch, and both outcomes end in a tail call: the fast path needs
+        // no stack frame at all.
+        if live::may_contain(ptr as usize) | thread::on_free(layout.size()) {
             // SAFETY: forwarded unchanged.
-            return unsafe { dealloc_slow::<A, false>(&self.inner, ptr, layout) };
-        }
-        if thread::on_free(layout.size()) {
-            // SAFETY: forwarded unchanged.
-            return unsafe { dealloc_slow::<A, true>(&self.inner, ptr, layout) };
+            return unsafe { dealloc_slow(&self.inner, ptr, layout) };
         }
         // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.
         unsafe { self.inner.dealloc(ptr, layout) };
@@ -152,8 +150,7 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
     );
 }
 
-/// A free that may be of a sampled object, or that ran out the thread's free countdown
-/// (`COUNTED`: the fast path has already taken this free off the countdown).
+/// A free that may be of a sampled object, or that ran out the thread's free countdown.
 ///
 /// The sample is forgotten *before* the memory goes back: once it is back, another
 /// thread may be handed the same address and sample it. The real free comes last, as a
@@ -167,11 +164,7 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
 /// As for [`GlobalAlloc::dealloc`] on `inner`.
 #[cold]
 #[inline(never)]
-unsafe fn dealloc_slow<A: GlobalAlloc, const COUNTED: bool>(
-    inner: &A,
-    ptr: *mut u8,
-    layout: Layout,
-) {
+unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) {
     // Here also when only the free countdown ran out: test the filter again rather than
     // probe the table (a cache miss) for every such free.
     if live::may_contain(ptr as usize) && live::probe(ptr as usize) {
@@ -179,12 +172,7 @@ unsafe fn dealloc_slow<A: GlobalAlloc, const COUNTED: bool>(
             TABLE.record_free(meta.stack, meta.size as usize, f64::from(meta.weight));
         }
     }
-    let due = if COUNTED {
-        thread::free_due()
-    } else {
-        thread::on_free(layout.size())
-    };
-    if due {
+    if thread::free_due() {
         thread::free_event();
     }
     // SAFETY: forwarded unchanged; the caller upholds dealloc's contract.

@@ -4,17 +4,13 @@
 //! answer must be cheap and lock-free (DESIGN invariant 5), so the set is an
 //! open-addressing hash table of atomic words in static memory:
 //!
-//! * **Readers** (every free and realloc) hash the pointer and test one bit of a 512-byte
-//!   *summary* (4096 bits, one per group of 16 lines of the table, set while any tracked
-//!   pointer has its home slot in the group). It is small enough to stay in the L1 cache
-//!   even in programs that churn through it, so the common answer — not sampled — costs
-//!   one cached load. When the summary bit is set they test the line's bit in the 8 KiB
-//!   *filter* (65536 bits, one per line), and only when that is set too (the pointer is
-//!   sampled, or shares a line with one: about `live / 65536` of frees) do they probe the
-//!   slots with plain atomic loads until they find it or an empty slot. No lock, no
-//!   read-modify-write. (In the cache-like churn benchmark, by cachegrind's count, the
-//!   test missed L1 on 82% of frees with the filter alone and on 25% with the summary
-//!   first; 12% of frees went on to the filter.)
+//! * **Readers** (every free and realloc) hash the pointer and first test one bit of an
+//!   8 KiB filter (65536 bits, one per cache line of the table, set while any tracked
+//!   pointer has its home slot in that line). The filter stays in the L1 cache, so the
+//!   common answer — not sampled — costs one cached load. Only when the bit is set (the
+//!   pointer is sampled, or shares a line with one: about `live / 65536` of frees) do they
+//!   probe the slots with plain atomic loads until they find it or an empty slot. No lock,
+//!   no read-modify-write.
 //! * **Writers** (sampled allocations and frees of sampled objects, one per 512 KiB on
 //!   average) are serialized per *stripe*: the table is [`STRIPES`] independent
 //!   open-addressing tables (a pointer's stripe is given by the top bits of its hash, and
@@ -115,16 +111,6 @@ static TABLE: [Line; LINES] = [EMPTY_LINE; LINES];
 /// published and cleared after it is removed, both under the writer lock.
 static FILTER: [AtomicU64; LINES / 64] = [const { AtomicU64::new(0) }; LINES / 64];
 
-/// Lines per summary bit: the 16 bits of one quarter of a filter word.
-const GROUP: usize = 16;
-
-/// Bit `g` is set iff filter bits `16g .. 16g + 16` are not all clear. Written after the
-/// filter when a bit is set and after it when the last one is cleared, under the same lock
-/// (a summary word covers 1024 lines, all in one stripe, as a filter word's 64 are).
-static SUMMARY: [AtomicU64; LINES / GROUP / 64] = [const { AtomicU64::new(0) }; LINES / GROUP / 64];
-
-const _: () = assert!(STRIPE_SLOTS / 2 >= GROUP * 64);
-
 /// A stripe's writer state, guarded by its lock.
 struct Writer {
     live: usize,
@@ -202,14 +188,9 @@ pub(crate) fn contains(ptr: usize) -> bool {
 /// be (then [`probe`] decides). One cached load.
 #[inline(always)]
 pub(crate) fn may_contain(ptr: usize) -> bool {
-    let line = home(ptr) >> 1;
-    let group = line / GROUP;
-    // Acquire pairs with the Release stores in `count_line`: a pointer handed to this
-    // thread after its insertion has both its bits visible here.
-    if SUMMARY[group / 64].load(Ordering::Acquire) & (1 << (group % 64)) == 0 {
-        return false;
-    }
-    let (word, mask) = filter_bit(line);
+    let (word, mask) = filter_bit(home(ptr) >> 1);
+    // Acquire pairs with the Release in `insert`: a pointer handed to this thread after
+    // its insertion has its bit visible here.
     FILTER[word].load(Ordering::Acquire) & mask != 0
 }
 
@@ -257,24 +238,13 @@ fn count_line(_w: &mut Writer, line: usize, delta: i32) {
     let before = *count;
     *count = count.wrapping_add_signed(delta);
     let (word, mask) = filter_bit(line);
-    let group = line / GROUP;
-    let (sword, smask) = (group / 64, 1u64 << (group % 64));
-    // The 16 filter bits the summary bit stands for.
-    let chunk = 0xFFFFu64 << (group % (64 / GROUP) * GROUP);
-    // Only writers change the filter and the summary, under the lock: no read-modify-write
-    // needed.
+    // Only writers change the filter, under the lock: no read-modify-write needed.
     if before == 0 && *count != 0 {
         let bits = FILTER[word].load(Ordering::Relaxed);
         FILTER[word].store(bits | mask, Ordering::Release);
-        let sbits = SUMMARY[sword].load(Ordering::Relaxed);
-        SUMMARY[sword].store(sbits | smask, Ordering::Release);
     } else if before != 0 && *count == 0 {
-        let bits = FILTER[word].load(Ordering::Relaxed) & !mask;
-        FILTER[word].store(bits, Ordering::Release);
-        if bits & chunk == 0 {
-            let sbits = SUMMARY[sword].load(Ordering::Relaxed);
-            SUMMARY[sword].store(sbits & !smask, Ordering::Release);
-        }
+        let bits = FILTER[word].load(Ordering::Relaxed);
+        FILTER[word].store(bits & !mask, Ordering::Release);
     }
 }
 
