@@ -167,7 +167,7 @@ fn sample(ptr: usize, size: usize, rate: usize, marker: usize) {
 unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) {
     // Here also when only the free countdown ran out: test the filter again rather than
     // probe the table (a cache miss) for every such free.
-    if live::may_contain(ptr as usize) && live::probe(ptr as usize) {
+    if live::contains(ptr as usize) {
         if let Some(meta) = live::remove(ptr as usize) {
             TABLE.record_free(meta.stack, meta.size as usize, f64::from(meta.weight));
         }

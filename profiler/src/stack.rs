@@ -52,12 +52,7 @@ impl StackBuf {
     /// Appends a return address; returns `false` once the buffer is full.
     #[inline]
     pub(crate) fn push(&mut self, addr: usize) -> bool {
-        if self.len == MAX_DEPTH {
-            return false;
-        }
-        self.frames[self.len] = MaybeUninit::new(addr);
-        self.len += 1;
-        self.len < MAX_DEPTH
+        self.writer().push(addr)
     }
 
     /// A writer over the free part of the buffer, for a walker's inner loop: it keeps its
@@ -74,7 +69,7 @@ impl StackBuf {
 
     /// The captured return addresses, innermost (leaf) first.
     pub(crate) fn as_slice(&self) -> &[usize] {
-        // SAFETY: `frames[..len]` were written by `push` (the invariant of `len`), and
+        // SAFETY: `frames[..len]` were written by a `StackWriter` (the invariant of `len`), and
         // `MaybeUninit<usize>` has the layout of `usize`.
         unsafe { std::slice::from_raw_parts(self.frames.as_ptr().cast::<usize>(), self.len) }
     }
@@ -88,7 +83,7 @@ pub(crate) struct StackWriter<'a> {
 }
 
 impl StackWriter<'_> {
-    /// As [`StackBuf::push`].
+    /// Appends a return address; returns `false` once the buffer is full.
     #[inline(always)]
     pub(crate) fn push(&mut self, addr: usize) -> bool {
         match self.buf.frames.get_mut(self.n) {

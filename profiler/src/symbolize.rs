@@ -48,14 +48,13 @@ static CACHE: Mutex<Option<HashMap<usize, Symbols>>> = Mutex::new(None);
 static SYMBOLIZER_BYTES: AtomicI64 = AtomicI64::new(0);
 /// Held around every call into the `backtrace` symbolizer, whose own global lock we
 /// cannot reach from a fork handler; holding ours across `fork` keeps the child from
-/// inheriting theirs locked. Lock order: SYMBOLIZER, then CACHE.
-static SYMBOLIZER: Mutex<()> = Mutex::new(());
-/// Whether `backtrace` holds parsed debug information. Lock order: after SYMBOLIZER.
-static DWARF_LOADED: Mutex<bool> = Mutex::new(false);
+/// inheriting theirs locked. Lock order: SYMBOLIZER, then CACHE. Holds whether `backtrace`
+/// keeps parsed debug information (see the module docs).
+static SYMBOLIZER: Mutex<bool> = Mutex::new(false);
 
 /// The symbolizer's locks in their lock order, for `fork.rs`.
-pub(crate) fn fork_locks() -> [&'static dyn ForkLock; 3] {
-    [&SYMBOLIZER, &DWARF_LOADED, &CACHE]
+pub(crate) fn fork_locks() -> [&'static dyn ForkLock; 2] {
+    [&SYMBOLIZER, &CACHE]
 }
 
 /// Resolves every address (cached), returning symbols in the same order.
@@ -77,9 +76,9 @@ pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
         release_debug_info();
         Vec::new()
     } else {
-        let _symbolizer = SYMBOLIZER.lock();
+        let mut loaded = SYMBOLIZER.lock();
         let _measure = crate::thread::Region::counted(&SYMBOLIZER_BYTES);
-        *DWARF_LOADED.lock() = true;
+        *loaded = true;
         missing.into_iter().map(|a| (a, resolve(a))).collect()
     };
     let mut cache = CACHE.lock();
@@ -101,8 +100,7 @@ pub fn symbolize(addrs: &[LookupAddress]) -> Vec<Symbols> {
 
 /// Drops `backtrace`'s parsed debug information, if it holds any (see the module docs).
 fn release_debug_info() {
-    let _symbolizer = SYMBOLIZER.lock();
-    let mut loaded = DWARF_LOADED.lock();
+    let mut loaded = SYMBOLIZER.lock();
     if *loaded {
         let _measure = crate::thread::Region::counted(&SYMBOLIZER_BYTES);
         backtrace::clear_symbol_cache();

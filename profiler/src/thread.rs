@@ -101,32 +101,74 @@ thread_local! {
     static EXIT_FLUSH: ExitFlush = const { ExitFlush };
 }
 
-/// One direction of the process-wide exact totals, on its own cache lines (128 bytes, the
-/// prefetch pair) so that threads flushing allocations and threads flushing frees do not
-/// contend for one line.
+/// Bytes and count of one direction of the exact totals.
+struct Counts {
+    bytes: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Counts {
+    const fn new() -> Self {
+        Counts {
+            bytes: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds to counters only one thread writes (a slot's owner): a plain load and store
+    /// each, no read-modify-write; readers see each word move forward.
+    fn add_owned(&self, bytes: u64, count: u64) {
+        self.bytes.store(
+            self.bytes.load(Ordering::Relaxed) + bytes,
+            Ordering::Relaxed,
+        );
+        self.count.store(
+            self.count.load(Ordering::Relaxed) + count,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Adds to counters any thread may write.
+    fn add_shared(&self, bytes: u64, count: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.count.fetch_add(count, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Both directions of a set of exact totals, on cache lines of their own (128 bytes, the
+/// prefetch pair).
 #[repr(align(128))]
-pub(crate) struct Counter {
-    pub(crate) bytes: AtomicU64,
-    pub(crate) count: AtomicU64,
+struct Totals {
+    alloc: Counts,
+    free: Counts,
 }
 
-/// Process-wide exact totals shared by every thread without a slot of its own (more
-/// threads than [`SLOT_COUNT`], exiting threads) and by counted regions.
-pub(crate) struct Totals {
-    pub(crate) alloc: Counter,
-    pub(crate) free: Counter,
+impl Totals {
+    const fn new() -> Self {
+        Totals {
+            alloc: Counts::new(),
+            free: Counts::new(),
+        }
+    }
+
+    fn side(&self, dir: Dir) -> &Counts {
+        match dir {
+            Dir::Alloc => &self.alloc,
+            Dir::Free => &self.free,
+        }
+    }
 }
 
-pub(crate) static TOTALS: Totals = Totals {
-    alloc: Counter {
-        bytes: AtomicU64::new(0),
-        count: AtomicU64::new(0),
-    },
-    free: Counter {
-        bytes: AtomicU64::new(0),
-        count: AtomicU64::new(0),
-    },
-};
+/// The totals shared by every thread without a slot of its own (more threads than
+/// [`SLOT_COUNT`], exiting threads) and by counted regions.
+static TOTALS: Totals = Totals::new();
 
 /// Fast path of an allocation. Returns `true` when the slow path must run.
 #[inline(always)]
@@ -269,73 +311,34 @@ enum Dir {
 }
 
 /// Adds `bytes` and `count` to this thread's published totals: its own slot if it has
-/// one (a plain load and store on a line no other thread writes), else the shared ones.
+/// one (a line no other thread writes), else the shared ones.
 #[inline]
 fn publish(s: &ThreadState, dir: Dir, bytes: u64, count: u64) {
     if bytes == 0 && count == 0 {
         return;
     }
     match SLOTS.get(s.slot.get() as usize) {
-        Some(slot) => {
-            let c = match dir {
-                Dir::Alloc => &slot.alloc,
-                Dir::Free => &slot.free,
-            };
-            // Single writer (the slot's owner), so no read-modify-write is needed;
-            // readers see each word move forward.
-            c.bytes
-                .store(c.bytes.load(Ordering::Relaxed) + bytes, Ordering::Relaxed);
-            c.count
-                .store(c.count.load(Ordering::Relaxed) + count, Ordering::Relaxed);
-        }
-        None => {
-            let c = match dir {
-                Dir::Alloc => &TOTALS.alloc,
-                Dir::Free => &TOTALS.free,
-            };
-            c.bytes.fetch_add(bytes, Ordering::Relaxed);
-            c.count.fetch_add(count, Ordering::Relaxed);
-        }
+        Some(own) => own.side(dir).add_owned(bytes, count),
+        None => TOTALS.side(dir).add_shared(bytes, count),
     }
-}
-
-/// Published totals of threads that own (or once owned) a slot.
-///
-/// Every thread that allocates publishes at each slow event. With one shared counter, two
-/// busy threads bounced its cache line between cores on every publish (in the churn
-/// benchmark that was a third of the profiler's time). So a thread claims a slot on its
-/// first slow event and publishes into it alone. A slot's counters are cumulative: when
-/// its thread exits the slot is marked free with its totals left in place, and the next
-/// thread to claim it keeps adding to them. Readers sum the shared totals and every slot.
-#[repr(align(128))]
-struct Slot {
-    owned: AtomicBool,
-    alloc: SlotCounter,
-    free: SlotCounter,
-}
-
-struct SlotCounter {
-    bytes: AtomicU64,
-    count: AtomicU64,
 }
 
 /// Threads that can have a slot at once; more publish into [`TOTALS`].
 pub(crate) const SLOT_COUNT: usize = 256;
 const NO_SLOT: u16 = u16::MAX;
 
-#[allow(clippy::declare_interior_mutable_const)] // used only as the array initialiser
-const FREE_SLOT: Slot = Slot {
-    owned: AtomicBool::new(false),
-    alloc: SlotCounter {
-        bytes: AtomicU64::new(0),
-        count: AtomicU64::new(0),
-    },
-    free: SlotCounter {
-        bytes: AtomicU64::new(0),
-        count: AtomicU64::new(0),
-    },
-};
-static SLOTS: [Slot; SLOT_COUNT] = [FREE_SLOT; SLOT_COUNT];
+/// Published totals of threads that own (or once owned) a slot.
+///
+/// Every thread that allocates publishes at each slow event. With one shared counter, two
+/// busy threads bounced its cache line between cores on every publish (in the churn
+/// benchmark, 70% of the slow event's time was that one `lock add`). So a thread claims a
+/// slot on its first slow event and publishes into it alone. A slot's counters are
+/// cumulative: when its thread exits the slot is marked free ([`OWNED`]) with its totals
+/// left in place, and the next thread to claim it keeps adding to them. Readers sum the
+/// shared totals and every slot.
+static SLOTS: [Totals; SLOT_COUNT] = [const { Totals::new() }; SLOT_COUNT];
+/// Whether slot `n` has an owner.
+static OWNED: [AtomicBool; SLOT_COUNT] = [const { AtomicBool::new(false) }; SLOT_COUNT];
 
 /// Claims a free slot for this thread (starting at one picked from its address), or
 /// leaves it without one if all are taken.
@@ -343,8 +346,7 @@ fn claim_slot(s: &ThreadState) {
     let start = (s as *const ThreadState as usize >> 12) % SLOT_COUNT;
     for i in 0..SLOT_COUNT {
         let n = (start + i) % SLOT_COUNT;
-        if SLOTS[n]
-            .owned
+        if OWNED[n]
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
@@ -356,35 +358,29 @@ fn claim_slot(s: &ThreadState) {
 
 /// Gives the slot back; Release so that the next owner's Acquire sees the final totals.
 fn release_slot(s: &ThreadState) {
-    if let Some(slot) = SLOTS.get(s.slot.replace(NO_SLOT) as usize) {
-        slot.owned.store(false, Ordering::Release);
+    if let Some(owned) = OWNED.get(s.slot.replace(NO_SLOT) as usize) {
+        owned.store(false, Ordering::Release);
     }
 }
 
 /// The published totals: `(allocated bytes, allocations, freed bytes, frees)`.
 pub(crate) fn published() -> (u64, u64, u64, u64) {
-    let mut t = (
-        TOTALS.alloc.bytes.load(Ordering::Relaxed),
-        TOTALS.alloc.count.load(Ordering::Relaxed),
-        TOTALS.free.bytes.load(Ordering::Relaxed),
-        TOTALS.free.count.load(Ordering::Relaxed),
-    );
-    for slot in &SLOTS {
-        t.0 += slot.alloc.bytes.load(Ordering::Relaxed);
-        t.1 += slot.alloc.count.load(Ordering::Relaxed);
-        t.2 += slot.free.bytes.load(Ordering::Relaxed);
-        t.3 += slot.free.count.load(Ordering::Relaxed);
-    }
-    t
+    std::iter::once(&TOTALS)
+        .chain(&SLOTS)
+        .fold((0, 0, 0, 0), |t, totals| {
+            let (ab, ac) = totals.alloc.get();
+            let (fb, fc) = totals.free.get();
+            (t.0 + ab, t.1 + ac, t.2 + fb, t.3 + fc)
+        })
 }
 
 /// In a child process after `fork`: only the forking thread survives, so every slot but
 /// its own is free. Does not allocate.
 pub(crate) fn reset_after_fork_in_child() {
     let mine = STATE.try_with(|s| s.slot.get()).unwrap_or(NO_SLOT);
-    for (n, slot) in SLOTS.iter().enumerate() {
+    for (n, owned) in OWNED.iter().enumerate() {
         if n != mine as usize {
-            slot.owned.store(false, Ordering::Relaxed);
+            owned.store(false, Ordering::Relaxed);
         }
     }
 }
@@ -493,13 +489,8 @@ impl Drop for Region {
             let freed = NEVER.wrapping_sub(s.free_left.replace(self.free_left));
             let frees = s.free_count.replace(self.free_count);
             if let Some(sink) = self.sink {
-                TOTALS
-                    .alloc
-                    .bytes
-                    .fetch_add(allocated as u64, Ordering::Relaxed);
-                TOTALS.alloc.count.fetch_add(allocations, Ordering::Relaxed);
-                TOTALS.free.bytes.fetch_add(freed as u64, Ordering::Relaxed);
-                TOTALS.free.count.fetch_add(frees, Ordering::Relaxed);
+                TOTALS.alloc.add_shared(allocated as u64, allocations);
+                TOTALS.free.add_shared(freed as u64, frees);
                 sink.fetch_add(allocated as i64 - freed as i64, Ordering::Relaxed);
             }
         });

@@ -247,7 +247,7 @@ fn set_index(pc: usize) -> usize {
 }
 
 /// Number of rule caches (concurrent captures served without falling back). Created on
-/// first use, so an unused slot costs 16 bytes.
+/// first use, so an unused slot costs its 128-byte line.
 const SLOTS: usize = 8;
 
 /// On lines of its own: threads try-lock different slots at every capture, and slots that
