@@ -197,7 +197,7 @@ pub(crate) fn may_contain(ptr: usize) -> bool {
 /// Whether `ptr` is in the table (lock-free), after [`may_contain`] said it may be.
 #[cold]
 #[inline(never)]
-pub(crate) fn probe(ptr: usize) -> bool {
+fn probe(ptr: usize) -> bool {
     let mut i = home(ptr);
     // Bounded: a stripe always keeps empty slots (STRIPE_MAX_USED < STRIPE_SLOTS), but a
     // bound costs nothing and makes termination obvious.

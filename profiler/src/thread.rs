@@ -324,7 +324,7 @@ fn publish(s: &ThreadState, dir: Dir, bytes: u64, count: u64) {
 }
 
 /// Threads that can have a slot at once; more publish into [`TOTALS`].
-pub(crate) const SLOT_COUNT: usize = 256;
+const SLOT_COUNT: usize = 256;
 const NO_SLOT: u16 = u16::MAX;
 
 /// Published totals of threads that own (or once owned) a slot.

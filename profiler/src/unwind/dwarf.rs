@@ -274,7 +274,7 @@ static CREATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Heap bytes of one slot: the cache itself and the row stack of gimli's unwind context
 /// (`StoreOnHeap` boxes four rows).
-pub(super) const SLOT_BYTES: usize = std::mem::size_of::<SlotState>()
+const SLOT_BYTES: usize = std::mem::size_of::<SlotState>()
     + std::mem::size_of::<[Entry; DEPTH_MEMO]>()
     + std::mem::size_of::<[[Entry; 2]; SETS]>()
     + 4 * std::mem::size_of::<gimli::UnwindTableRow<usize>>();
