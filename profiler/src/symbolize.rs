@@ -14,8 +14,8 @@
 //! megabytes for a service binary (the units of std and core alone are large). It is needed
 //! while new addresses keep coming, which they do in a process's first profiles, and not
 //! after. So a symbolization that finds every address already in our cache releases it
-//! (`backtrace::clear_symbol_cache`): what stays is our per-address cache, a few hundred
-//! bytes per address. A later new address parses again (about 0.1 s for the demo).
+//! (`backtrace::clear_symbol_cache`): what stays is our per-address cache, under a kilobyte
+//! per address. A later new address parses again (about 0.1 s for the demo).
 
 use crate::guard::ReentrancyGuard;
 use crate::lock::{ForkLock, Mutex};
