@@ -84,10 +84,9 @@ pub fn stats() -> Stats {
     let (allocated_bytes, allocations, freed_bytes, frees) = crate::thread::published();
     let (symbols, symbol_bytes) = symbolize::cache_size();
     let live_samples = live::live_count() as u64;
-    // The live set's static pages are touched only as samples land in them: each
-    // sample ever taken touched at most two pages (slot and metadata).
+    // The live set's static pages are touched only as samples land in them.
     let samples = TABLE.samples();
-    let live_bytes = (samples as usize).saturating_mul(2 * 4096).min(live::BYTES);
+    let live_bytes = live::resident_bound(samples);
     Stats {
         allocated_bytes,
         allocations,

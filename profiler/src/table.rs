@@ -34,6 +34,8 @@ pub(crate) struct StackId(u32);
 impl StackId {
     /// The overflow entry.
     pub(crate) const OVERFLOW: StackId = StackId(u32::MAX);
+    /// All zero bits: the first entry of shard 0, for zero-initialised placeholders.
+    pub(crate) const ZERO: StackId = StackId(0);
 
     fn new(shard: usize, index: usize) -> Self {
         StackId(((shard as u32) << INDEX_BITS) | index as u32)
