@@ -131,14 +131,15 @@ fn lines() -> &'static [Line] {
 /// insertion touches it). Every access to the table is to a random line, and in a
 /// program that churns its heap the 1024 small pages' translations miss the TLB: under
 /// virtualization a probe that missed both cost about 250 ns. Without THP (or with it
-/// set to `never`) the call fails harmlessly and the table keeps small pages.
+/// set to `never`) the call fails harmlessly and the table keeps small pages;
+/// `ALLOCPROF_HUGE_PAGES=0` skips it.
 fn advise_huge_pages() {
     static ADVISED: AtomicBool = AtomicBool::new(false);
     if ADVISED.load(Ordering::Relaxed) || ADVISED.swap(true, Ordering::Relaxed) {
         return;
     }
     #[cfg(target_os = "linux")]
-    {
+    if crate::config::huge_pages() {
         let t = lines();
         // SAFETY: the range is the table's own memory, page-aligned (a huge-page boundary)
         // and mapped; MADV_HUGEPAGE only changes how the kernel backs it, never its

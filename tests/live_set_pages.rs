@@ -1,0 +1,92 @@
+//! The live set's transparent huge pages, as the kernel reports them.
+//!
+//! Each case runs a child process (this test binary, an ignored entry point) that samples
+//! every allocation, keeps 256 small objects alive (so the live set's lines are touched
+//! in both of its 2 MiB halves) and reports `AnonHugePages` from `/proc/self/smaps_rollup`.
+//! The live set is the only memory in that child that asks for huge pages, so with THP in
+//! `madvise` mode the figure is the live set's alone: at least 2 MiB by default, none with
+//! `ALLOCPROF_HUGE_PAGES=0`. In `always` mode other memory may be huge too, and in
+//! `never` mode nothing is: the checks that mode cannot decide are skipped with a note.
+
+use std::process::Command;
+
+#[global_allocator]
+static ALLOC: allocprof::Profiler<std::alloc::System> =
+    allocprof::Profiler::new(std::alloc::System);
+
+/// The bracketed word of `/sys/kernel/mm/transparent_hugepage/enabled`.
+fn thp_mode() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
+}
+
+/// Runs the child with `ALLOCPROF_HUGE_PAGES` set to `value` (or unset), returning its
+/// `AnonHugePages` in kB and the `profiler_bytes` it reported.
+fn child_report(value: Option<&str>) -> (u64, u64) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["child_keeps_samples", "--exact", "--nocapture", "--ignored"]);
+    cmd.env_remove("ALLOCPROF_HUGE_PAGES");
+    if let Some(v) = value {
+        cmd.env("ALLOCPROF_HUGE_PAGES", v);
+    }
+    let out = cmd.output().expect("run child");
+    assert!(out.status.success(), "child failed: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in child output: {stdout}"))
+    };
+    (field("huge_kb="), field("profiler_bytes="))
+}
+
+#[test]
+fn live_set_uses_huge_pages_unless_turned_off() {
+    let Some(mode) = thp_mode() else {
+        eprintln!("note: no transparent huge pages on this kernel; nothing to check");
+        return;
+    };
+    let (off_kb, off_bytes) = child_report(Some("0"));
+    let (on_kb, on_bytes) = child_report(None);
+    eprintln!(
+        "THP mode {mode}: AnonHugePages {on_kb} kB by default, {off_kb} kB with \
+         ALLOCPROF_HUGE_PAGES=0; profiler_bytes {on_bytes} and {off_bytes}"
+    );
+    match mode.as_str() {
+        "madvise" => {
+            assert!(on_kb >= 2048, "live set not on huge pages: {on_kb} kB");
+            assert_eq!(off_kb, 0, "huge pages despite ALLOCPROF_HUGE_PAGES=0");
+            // stats() counts what huge pages made resident: the whole 4 MiB table once
+            // both halves are touched (with small pages, 8 KiB per sample at most).
+            assert!(
+                on_bytes >= 4 << 20,
+                "profiler_bytes {on_bytes} < the 4 MiB resident"
+            );
+            assert!(off_bytes < on_bytes, "{off_bytes} vs {on_bytes}");
+        }
+        "always" => assert!(on_kb >= 2048, "live set not on huge pages: {on_kb} kB"),
+        _ => eprintln!("note: THP mode {mode}: the kernel gives no huge pages to check"),
+    }
+}
+
+#[test]
+#[ignore = "entry point of the child process of the huge-page tests"]
+fn child_keeps_samples() {
+    allocprof::set_sample_rate(1);
+    let kept: Vec<Box<[u8; 48]>> = (0..256u32).map(|i| Box::new([i as u8; 48])).collect();
+    let stats = allocprof::stats();
+    assert!(stats.live_samples >= 256, "{stats:?}");
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").expect("smaps_rollup");
+    let huge_kb: u64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("AnonHugePages in smaps_rollup");
+    println!("huge_kb={huge_kb}");
+    println!("profiler_bytes={}", stats.profiler_bytes);
+    drop(kept);
+}
