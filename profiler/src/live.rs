@@ -38,7 +38,9 @@
 //! the table asks for them before its first insertion: its accesses are to random lines,
 //! and with 4 KiB pages each one also missed the TLB in a program churning its heap. The
 //! price is that the first samples fault in 2 MiB pages (4 MiB in all), which
-//! `Stats::profiler_bytes` counts. At most [`MAX_LIVE`] sampled objects are tracked at once (at most half of each
+//! `Stats::profiler_bytes` counts.
+//!
+//! At most [`MAX_LIVE`] sampled objects are tracked at once (at most half of each
 //! stripe's slots, so slightly fewer when pointers spread unevenly) — at the default rate
 //! that is about 32 GiB of live sampled heap; beyond it new samples are still counted as
 //! allocations but their frees cannot be credited, and `Stats::untracked_samples` says

@@ -24,24 +24,24 @@ pub struct MappingInfo {
 
 /// The executable mappings of this process, in address order.
 pub fn executable_mappings() -> Vec<MappingInfo> {
+    let mut ids: HashMap<String, String> = HashMap::new();
+    let mut out = executable_ranges();
+    for m in out.iter_mut().filter(|m| m.path.starts_with('/')) {
+        m.build_id = ids
+            .entry(m.path.clone())
+            .or_insert_with(|| build_id_of_file(&m.path).unwrap_or_default())
+            .clone();
+    }
+    out
+}
+
+/// The executable mappings in address order, without build IDs (no file is opened).
+pub(crate) fn executable_ranges() -> Vec<MappingInfo> {
     let text = match std::fs::read_to_string("/proc/self/maps") {
         Ok(t) => t,
         Err(_) => return Vec::new(),
     };
-    let mut ids: HashMap<String, String> = HashMap::new();
-    let mut out: Vec<MappingInfo> = text
-        .lines()
-        .filter_map(parse_maps_line)
-        .map(|mut m| {
-            if m.path.starts_with('/') {
-                m.build_id = ids
-                    .entry(m.path.clone())
-                    .or_insert_with(|| build_id_of_file(&m.path).unwrap_or_default())
-                    .clone();
-            }
-            m
-        })
-        .collect();
+    let mut out: Vec<MappingInfo> = text.lines().filter_map(parse_maps_line).collect();
     out.sort_by_key(|m| m.start);
     out
 }

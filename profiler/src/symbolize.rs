@@ -130,7 +130,7 @@ fn release_debug_info() {
 /// binary, where later new addresses mostly come from) last, so that its parse is the
 /// one kept.
 fn by_object(addrs: Vec<usize>) -> Vec<(u64, Vec<usize>)> {
-    let maps = crate::maps::executable_mappings();
+    let maps = crate::maps::executable_ranges();
     let object_of = |a: usize| {
         let a = a as u64;
         maps.iter()

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Instruction-count overhead table: the pairs of overhead.py, counted by valgrind.
+
+CPU time on a shared machine moves by several points between runs of the same binary;
+the number of instructions a process executes does not (for the same binary, input and
+environment). This runs each binary of every pair once under
+`valgrind --tool=cachegrind --cache-sim=no` at a fraction of the workload's iterations
+(--scale, default 0.05) and reports profiled/baseline - 1 in instructions, and how many
+instructions each profiler adds per iteration of the workload.
+
+Instructions are not time: a cache miss costs one instruction and a hundred cycles, so
+this understates what memory-bound paths cost (the live-set and table lookups of a
+sampled allocation) and ignores contention between threads (valgrind runs one thread at
+a time). It is the repeatable half of the picture; overhead.py is the other.
+
+Usage: instructions.py [--scale F] [--only W,..] BUILD=DIR ...
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+from overhead import DEFAULT_ITERS, PAIRS, WORKLOADS
+
+THREADS = 2  # src/lib.rs: THREADS
+
+
+def instructions(binary, args, env):
+    full_env = dict(os.environ)
+    for k in ("_RJEM_MALLOC_CONF", "BENCH_PROFILE", "MALLOC_CONF"):
+        full_env.pop(k, None)
+    full_env.update(env)
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run(
+            ["valgrind", "--tool=cachegrind", "--cache-sim=no",
+             f"--cachegrind-out-file={d}/cg.out", binary] + args,
+            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{binary} {args} failed under valgrind:\n{out.stderr}")
+    m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+    if not m:
+        raise SystemExit(f"no instruction count from valgrind:\n{out.stderr}")
+    return int(m.group(1).replace(",", ""))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=float, default=0.05)
+    ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("builds", nargs="+")
+    a = ap.parse_args()
+    builds = [b.split("=", 1) for b in a.builds]
+    workloads = [w for w in WORKLOADS if not a.only or w[0] in a.only.split(",")]
+    cols = [c for c, _, _ in PAIRS]
+    for build, d in builds:
+        rows = []
+        for wl, label in workloads:
+            iters = int(DEFAULT_ITERS[wl] * a.scale)
+            cells = []
+            for col, (pb, penv), (bb, benv) in PAIRS:
+                p = instructions(os.path.join(d, pb), [wl, str(iters)], penv)
+                b = instructions(os.path.join(d, bb), [wl, str(iters)], benv)
+                per_iter = (p - b) / (iters * THREADS)
+                cells.append(f"{100 * (p / b - 1):+.1f}% ({per_iter:+.0f})")
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(f"\nBuild `{build}`: instructions added, % of the baseline's "
+              f"(instructions per iteration), {a.scale:g} of the iterations\n")
+        print("| workload | " + " | ".join(cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
