@@ -6,7 +6,9 @@
 //! The live set is the only memory in that child that asks for huge pages, so with THP in
 //! `madvise` mode the figure is the live set's alone: at least 2 MiB by default, none with
 //! `ALLOCPROF_HUGE_PAGES=0`. In `always` mode other memory may be huge too, and in
-//! `never` mode nothing is: the checks that mode cannot decide are skipped with a note.
+//! `never` mode nothing is: the checks that mode cannot decide are skipped with a note, as
+//! they are when the kernel reports that it fell back to small pages (no free 2 MiB page
+//! at that moment).
 
 use std::process::Command;
 
@@ -20,6 +22,18 @@ fn thp_mode() -> Option<String> {
     let start = text.find('[')? + 1;
     let end = start + text[start..].find(']')?;
     Some(text[start..end].to_string())
+}
+
+/// The kernel's count of huge-page faults that fell back to small pages.
+fn thp_fault_fallbacks() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("thp_fault_fallback "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Runs the child with `ALLOCPROF_HUGE_PAGES` set to `value` (or unset), returning its
@@ -51,7 +65,14 @@ fn live_set_uses_huge_pages_unless_turned_off() {
         return;
     };
     let (off_kb, off_bytes) = child_report(Some("0"));
+    let fallbacks_before = thp_fault_fallbacks();
     let (on_kb, on_bytes) = child_report(None);
+    if on_kb == 0 && thp_fault_fallbacks() > fallbacks_before {
+        // The kernel could not find free 2 MiB pages just then (fragmented memory) and
+        // fell back to small pages, as it is allowed to: nothing to check this time.
+        eprintln!("note: the kernel fell back to small pages (thp_fault_fallback rose)");
+        return;
+    }
     eprintln!(
         "THP mode {mode}: AnonHugePages {on_kb} kB by default, {off_kb} kB with \
          ALLOCPROF_HUGE_PAGES=0; profiler_bytes {on_bytes} and {off_bytes}"
