@@ -15,12 +15,12 @@
 //! while new addresses keep coming, which they do in a process's first profiles, and not
 //! after. So a symbolization that finds every address already in our cache releases it
 //! (`backtrace::clear_symbol_cache`): what stays is our per-address cache, under a kilobyte
-//! per address. A later new address parses again (about 0.1 s for the demo).
+//! per address. A later new address parses again (0.1–0.2 s for the demo).
 //!
 //! New addresses are resolved one object at a time, releasing the previous object's
 //! parse before the next: the peak is then the largest object's, not the sum. It matters
 //! where a system library has a separate debug file (Debian's `libc6-dbg`, which
-//! valgrind pulls in): resolving the thread-root frames in libc parsed its 30 MB of
+//! valgrind pulls in): resolving the thread-root frames in libc parsed its 31 MB of
 //! debug information on top of the binary's. The service's own binary goes last and stays
 //! loaded, as new addresses keep coming from there.
 
