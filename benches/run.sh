@@ -4,6 +4,7 @@
 #   benches/run.sh            # everything: build, workloads table, criterion, first export
 #   benches/run.sh workloads  # only the whole-process table
 #   benches/run.sh micro      # only criterion and first_export
+#   benches/run.sh instructions  # the workload pairs' instruction counts (valgrind)
 #
 # Two builds: `default` (no frame pointers: allocprof picks its DWARF unwinder) in
 # target/, and `frame-pointers` (RUSTFLAGS=-Cforce-frame-pointers=yes: allocprof walks
@@ -21,6 +22,10 @@ RUSTFLAGS="$FP_FLAGS" CARGO_TARGET_DIR=target-fp cargo build -q --release --bins
 
 if [[ $what == all || $what == workloads ]]; then
     python3 overhead.py --runs "$RUNS" default=target/release frame-pointers=target-fp/release
+fi
+
+if [[ $what == all || $what == instructions ]]; then
+    python3 instructions.py default=target/release frame-pointers=target-fp/release
 fi
 
 if [[ $what == all || $what == micro ]]; then
