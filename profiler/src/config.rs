@@ -7,7 +7,7 @@
 //! never from the fast path. The environment is read with `getenv(3)` into a fixed buffer:
 //! no allocation and no Rust lock, so this is safe to call from inside the allocator.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// Go's `runtime.MemProfileRate` default: one sample per 512 KiB allocated, on average.
 pub const DEFAULT_SAMPLE_RATE: usize = 512 * 1024;
@@ -19,9 +19,6 @@ static RATE: AtomicUsize = AtomicUsize::new(DEFAULT_SAMPLE_RATE);
 /// Bumped on every rate change; threads compare it at their next slow event and redraw.
 static RATE_EPOCH: AtomicU64 = AtomicU64::new(0);
 static MAX_STACKS: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_STACKS);
-/// Whether the live set may ask for transparent huge pages (`ALLOCPROF_HUGE_PAGES=0` says
-/// no).
-static HUGE_PAGES: AtomicBool = AtomicBool::new(true);
 
 const ENV_UNREAD: u8 = 0;
 const ENV_READING: u8 = 1;
@@ -60,10 +57,14 @@ fn read_env_once() {
         EnvValue::Set(n) if n > 0 => MAX_STACKS.store(n, Ordering::Relaxed),
         _ => stderr(b"allocprof: ignoring ALLOCPROF_MAX_STACKS: not a positive whole number\n"),
     }
+    // Before the first sample: every sample comes after this (see `thread::alloc_event`).
     match env_usize(c"ALLOCPROF_HUGE_PAGES") {
-        EnvValue::Unset => {}
-        EnvValue::Set(n @ (0 | 1)) => HUGE_PAGES.store(n == 1, Ordering::Relaxed),
-        _ => stderr(b"allocprof: ignoring ALLOCPROF_HUGE_PAGES: not 0 or 1\n"),
+        EnvValue::Unset | EnvValue::Set(1) => crate::live::advise_huge_pages(),
+        EnvValue::Set(0) => {}
+        _ => {
+            stderr(b"allocprof: ignoring ALLOCPROF_HUGE_PAGES: not 0 or 1\n");
+            crate::live::advise_huge_pages();
+        }
     }
     crate::fork::register();
     ENV_STATE.store(ENV_DONE, Ordering::Release);
@@ -165,13 +166,6 @@ pub(crate) fn rate_and_epoch() -> (usize, u64) {
 pub fn max_stacks() -> usize {
     ensure_env();
     MAX_STACKS.load(Ordering::Relaxed)
-}
-
-/// Whether the live set may ask for transparent huge pages (`ALLOCPROF_HUGE_PAGES`, default
-/// 1; read before the first sample).
-pub(crate) fn huge_pages() -> bool {
-    ensure_env();
-    HUGE_PAGES.load(Ordering::Relaxed)
 }
 
 /// Sets the cap on distinct stacks. Lowering it below the number already stored keeps

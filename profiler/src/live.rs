@@ -35,7 +35,7 @@
 //!
 //! The table lives in `.bss`: 2^17 slots in 2^16 lines, 4 MiB; untouched pages cost
 //! nothing. Where the kernel offers transparent huge pages (`madvise` mode or `always`),
-//! the table asks for them before its first insertion: its accesses are to random lines,
+//! the table asks for them at start-up, before the first sample: its accesses are to random lines,
 //! and with 4 KiB pages each one also missed the TLB in a program churning its heap. The
 //! price is that the first samples fault in 2 MiB pages (4 MiB in all), which
 //! `Stats::profiler_bytes` counts.
@@ -129,19 +129,15 @@ fn lines() -> &'static [Line] {
     &STORAGE[skip..skip + LINES]
 }
 
-/// Asks the kernel to back the table with transparent huge pages (once, before the first
-/// insertion touches it). Every access to the table is to a random line, and in a
+/// Asks the kernel to back the table with transparent huge pages. Called once, from the
+/// start-up settings (`config`), before the first sample touches the table, unless
+/// `ALLOCPROF_HUGE_PAGES=0`. Every access to the table is to a random line, and in a
 /// program that churns its heap the 1024 small pages' translations miss the TLB: under
 /// virtualization a probe that missed both cost about 250 ns. Without THP (or with it
-/// set to `never`) the call fails harmlessly and the table keeps small pages;
-/// `ALLOCPROF_HUGE_PAGES=0` skips it.
-fn advise_huge_pages() {
-    static ADVISED: AtomicBool = AtomicBool::new(false);
-    if ADVISED.load(Ordering::Relaxed) || ADVISED.swap(true, Ordering::Relaxed) {
-        return;
-    }
+/// set to `never`) the table keeps small pages.
+pub(crate) fn advise_huge_pages() {
     #[cfg(target_os = "linux")]
-    if crate::config::huge_pages() {
+    {
         let t = lines();
         // SAFETY: the range is the table's own memory, page-aligned (a huge-page boundary)
         // and mapped; MADV_HUGEPAGE only changes how the kernel backs it, never its
@@ -326,7 +322,6 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
     if ptr <= TOMBSTONE {
         return false;
     }
-    advise_huge_pages();
     let h = home(ptr);
     let st = stripe(h);
     let mut guard = st.writer.lock();
