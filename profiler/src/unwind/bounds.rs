@@ -1,9 +1,11 @@
-//! The calling thread's stack bounds, and the one bounds-checked stack read every
-//! unwinder in this module goes through.
+//! The calling thread's stack bounds, and the stack reads every unwinder in this module
+//! goes through.
 //!
 //! A frame-pointer chain or a DWARF rule can point anywhere when the code that built the
 //! frame did not keep a frame pointer (or the stack is corrupt). Reading such an address
-//! could fault, so every read is checked against the thread's stack, `[lo, hi)`, first.
+//! could fault, so every read is checked against the thread's stack, `[lo, hi)`, first:
+//! by [`StackBounds::read`] itself, or, for [`StackBounds::read_unchecked`], by its caller
+//! (the DWARF walk checks an rsp-based frame once, as a whole, for both of its reads).
 //!
 //! The bounds come from `pthread_getattr_np` once per thread and are cached in a
 //! `const`-initialised thread-local without `Drop`. glibc's `pthread_getattr_np` uses
@@ -87,6 +89,19 @@ impl StackBounds {
                 std::ptr::read_volatile(p.add(1)),
             )
         })
+    }
+
+    /// Reads the word at `addr`, which the caller has shown to lie inside the stack.
+    ///
+    /// # Safety
+    ///
+    /// `addr` is word-aligned and `[addr, addr + size_of::<usize>())` lies inside
+    /// `[lo, hi)` (as [`StackBounds::contains`] would check).
+    #[inline(always)]
+    pub(crate) unsafe fn read_unchecked(&self, addr: usize) -> usize {
+        debug_assert!(self.contains(addr, std::mem::size_of::<usize>()));
+        // SAFETY: as in `read`, the caller having done the check `read` does.
+        unsafe { std::ptr::read_volatile(addr as *const usize) }
     }
 
     /// Reads the word at `addr` if it lies inside this thread's stack.

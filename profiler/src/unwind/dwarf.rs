@@ -1,6 +1,6 @@
 //! The DWARF unwinder: `.eh_frame` call-frame information, reduced per return address to
-//! a three-number rule and cached, so that a warm frame costs a cache probe and one or
-//! two bounds-checked stack reads.
+//! a three-number rule and cached, so that a warm frame costs a cache probe, one bounds
+//! check and one or two stack reads.
 //!
 //! libgcc's unwinder (the baseline) looks up the FDE of every frame, interprets its CFI
 //! program and fills a full register context, every time: 4–8 µs per stack here. Almost
@@ -41,10 +41,17 @@
 //!
 //! # Safety of the walk
 //!
-//! Rules only ever turn into reads through [`StackBounds::read`] (aligned, inside the live
-//! part of this thread's stack). The walk stops when the stack pointer does not strictly
-//! increase, a read is refused, a rule says "stop", or the return address is undefined
-//! (the root: `_start`, `clone3`).
+//! Every read is of an aligned word inside the live part of this thread's stack. Reads
+//! relative to an rbp-based CFA go through [`StackBounds::read`], which checks each one.
+//! An rsp-based rule is accepted only if it puts the return address (and the saved rbp)
+//! inside its own frame, `[rsp, CFA)`, with a CFA a whole number of words above rsp
+//! ([`Rule::sp`]); the walk keeps rsp aligned and inside the stack, so checking
+//! `CFA <= hi` once covers both reads of such a frame. That is the common frame, and
+//! the check is most of what a warm frame costs: this one check instead of four per
+//! read took a frame from about 49 instructions to 29.
+//!
+//! The walk stops when the stack pointer does not strictly increase, a check fails, a
+//! rule says "stop", or the return address is undefined (the root: `_start`, `clone3`).
 
 use super::bounds::StackBounds;
 use crate::stack::{ReturnAddress, StackBuf};
@@ -98,9 +105,12 @@ static GLOBAL: Global = Global {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Base {
-    /// CFA = rsp + cfa_off.
+    /// CFA = rsp + cfa_off, with the saved words inside the frame: only built by
+    /// [`Rule::sp`], which checks that `cfa_off` is a positive multiple of the word and
+    /// that the return address (and rbp, if saved) lie in `[rsp, CFA)`. The walk then
+    /// needs one bounds check per frame, `CFA <= hi` (see `walk`).
     Sp,
-    /// CFA = rbp + cfa_off.
+    /// CFA = rbp + cfa_off. rbp can hold anything, so every read is checked.
     Bp,
     /// The return address is undefined: the root of the stack.
     Root,
@@ -108,8 +118,8 @@ enum Base {
     Stop,
 }
 
-/// The unwind rule of one address (see the module docs), eight bytes so that it travels
-/// in a register. Saved registers sit at word-aligned offsets from the CFA, so those
+/// The unwind rule of one address (see the module docs), eight bytes so that a cache
+/// entry is sixteen. Saved registers sit at word-aligned offsets from the CFA, so those
 /// offsets are kept in words; a rule whose offsets are not whole words cannot be followed
 /// (its reads would be misaligned) and is a stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +154,28 @@ impl Rule {
         ra_words: -1,
         bp_words: -2,
     };
+
+    /// A CFA at `rsp + cfa_off` whose frame `[rsp, CFA)` holds the return address and the
+    /// saved rbp (if `bp_words` is not 0), or [`Rule::STOP`]. Compilers save both inside
+    /// the frame; a rule that says otherwise is not followed.
+    fn sp(cfa_off: i32, ra_words: i8, bp_words: i8) -> Rule {
+        const WORD: i32 = std::mem::size_of::<usize>() as i32;
+        let inside = |w: i8| w < 0 && (w as i32) * WORD >= -cfa_off;
+        if cfa_off > 0
+            && cfa_off % WORD == 0
+            && inside(ra_words)
+            && (bp_words == 0 || inside(bp_words))
+        {
+            Rule {
+                base: Base::Sp,
+                cfa_off,
+                ra_words,
+                bp_words,
+            }
+        } else {
+            Rule::STOP
+        }
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<Rule>() == 8);
@@ -176,7 +208,7 @@ struct SlotState {
 }
 
 /// Frames remembered by depth.
-const DEPTH_MEMO: usize = crate::stack::MAX_DEPTH;
+const DEPTH_MEMO: usize = crate::stack::MAX_DEPTH + 16;
 
 impl SlotState {
     /// A new, empty state, built on the heap: built on the stack first (as `Box::new` of a
@@ -199,46 +231,57 @@ impl SlotState {
             ctx: UnwindContext::new(),
         }))
     }
+}
 
-    /// The rule for `pc`, met at `depth` frames from the start of the walk.
-    #[inline(always)]
-    fn rule_at(&mut self, depth: usize, modules: &Modules, pc: usize) -> Rule {
-        match self.by_depth.get(depth) {
-            Some(e) if e.pc == pc => e.rule,
-            _ => {
-                let rule = self.rule(modules, pc);
-                if let Some(e) = self.by_depth.get_mut(depth) {
-                    *e = Entry { pc, rule };
-                }
-                rule
-            }
-        }
+/// The rule for `pc`, from the cache or derived and cached.
+#[inline(always)]
+fn rule(
+    entries: &mut [[Entry; 2]; SETS],
+    ctx: &mut UnwindContext<usize>,
+    modules: &Modules,
+    pc: usize,
+) -> Rule {
+    let set = &entries[set_index(pc)];
+    if set[0].pc == pc {
+        return set[0].rule;
     }
+    miss(entries, ctx, modules, pc)
+}
 
-    /// The rule for `pc`, from the cache or derived and cached.
-    #[inline(always)]
-    fn rule(&mut self, modules: &Modules, pc: usize) -> Rule {
-        let set = &self.entries[set_index(pc)];
-        if set[0].pc == pc {
-            return set[0].rule;
-        }
-        self.miss(modules, pc)
+#[inline(never)]
+fn miss(
+    entries: &mut [[Entry; 2]; SETS],
+    ctx: &mut UnwindContext<usize>,
+    modules: &Modules,
+    pc: usize,
+) -> Rule {
+    let set = &mut entries[set_index(pc)];
+    // The most recently used entry goes first.
+    if set[1].pc == pc {
+        set.swap(0, 1);
+        return set[0].rule;
     }
+    let rule = derive(modules, ctx, pc);
+    let set = &mut entries[set_index(pc)];
+    set[1] = set[0];
+    set[0] = Entry { pc, rule };
+    rule
+}
 
-    #[inline(never)]
-    fn miss(&mut self, modules: &Modules, pc: usize) -> Rule {
-        let set = &mut self.entries[set_index(pc)];
-        // The most recently used entry goes first.
-        if set[1].pc == pc {
-            set.swap(0, 1);
-            return set[0].rule;
-        }
-        let rule = derive(modules, &mut self.ctx, pc);
-        let set = &mut self.entries[set_index(pc)];
-        set[1] = set[0];
-        set[0] = Entry { pc, rule };
-        rule
-    }
+/// Puts the rule for `pc` into the depth memo's entry `e` (out of line, so that the walk
+/// reads a rule's fields from the entry whether or not it was just filled).
+#[inline(never)]
+fn fill(
+    e: &mut Entry,
+    entries: &mut [[Entry; 2]; SETS],
+    ctx: &mut UnwindContext<usize>,
+    modules: &Modules,
+    pc: usize,
+) {
+    *e = Entry {
+        pc,
+        rule: rule(entries, ctx, modules, pc),
+    };
 }
 
 #[inline(always)]
@@ -480,6 +523,10 @@ pub(super) fn resume(
 
 /// The unwinding loop. `pc` is the address to look the next frame's rule up at (inside
 /// the call instruction for a return address); `sp` and `bp` are that frame's registers.
+///
+/// Invariant: `sp` is word-aligned and `bounds.lo <= sp` (the bounds were narrowed to
+/// start at the first `sp`, and every step raises it to an aligned CFA). With that, a
+/// [`Base::Sp`] frame needs one check, `CFA <= hi`, for both its reads.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn walk(
@@ -492,34 +539,65 @@ fn walk(
     mut sp: usize,
     mut bp: usize,
 ) -> Walked {
-    const WORD: isize = std::mem::size_of::<usize>() as isize;
+    const WORD: usize = std::mem::size_of::<usize>();
+    if !sp.is_multiple_of(WORD) || sp < bounds.lo || bounds.hi > usize::MAX / 2 {
+        return Walked::Stopped;
+    }
+    let SlotState {
+        by_depth,
+        entries,
+        ctx,
+    } = state;
     let mut buf = buf.writer();
+    // The address `words` words from `cfa` (negative: below it).
+    let at = |cfa: usize, words: i8| cfa.wrapping_add((words as isize * WORD as isize) as usize);
     // Every step strictly raises the stack pointer inside bounded memory, so the loop
-    // ends; the cap is a second guard.
-    for depth in 0..4 * crate::stack::MAX_DEPTH {
-        let rule = state.rule_at(depth, modules, pc);
-        let base = match rule.base {
-            Base::Sp => sp,
-            Base::Bp => bp,
+    // ends; the memo's length (a little more than the deepest stack kept) is a second
+    // guard.
+    for e in by_depth.iter_mut() {
+        if e.pc != pc {
+            fill(e, entries, ctx, modules, pc);
+        }
+        let rule = &e.rule;
+        let (cfa, ret) = match rule.base {
+            Base::Sp => {
+                // No overflow: `sp <= hi <= usize::MAX / 2` and `0 < cfa_off <= i32::MAX`.
+                let cfa = sp + rule.cfa_off as usize;
+                if cfa > bounds.hi {
+                    return Walked::Stopped;
+                }
+                // SAFETY: `Rule::sp` built this rule, so `cfa_off` is a positive multiple of
+                // the word and `ra_words` and `bp_words` (when not 0) are in
+                // `-cfa_off / WORD..0`: both reads are of aligned words in `[sp, cfa)`. By
+                // the loop invariant `bounds.lo <= sp`, and `cfa <= bounds.hi` was checked.
+                unsafe {
+                    if rule.bp_words != 0 {
+                        bp = bounds.read_unchecked(at(cfa, rule.bp_words));
+                    }
+                    (cfa, bounds.read_unchecked(at(cfa, rule.ra_words)))
+                }
+            }
+            Base::Bp => {
+                let cfa = bp.wrapping_add(rule.cfa_off as isize as usize);
+                if cfa <= sp || !cfa.is_multiple_of(WORD) {
+                    return Walked::Stopped;
+                }
+                let Some(ret) = bounds.read(at(cfa, rule.ra_words)) else {
+                    return Walked::Stopped;
+                };
+                if rule.bp_words != 0 {
+                    match bounds.read(at(cfa, rule.bp_words)) {
+                        Some(v) => bp = v,
+                        None => return Walked::Stopped,
+                    }
+                }
+                (cfa, ret)
+            }
             Base::Root => return Walked::Root,
             Base::Stop => return Walked::Stopped,
         };
-        let cfa = base.wrapping_add(rule.cfa_off as isize as usize);
-        let Some(ret) = bounds.read(cfa.wrapping_add((rule.ra_words as isize * WORD) as usize))
-        else {
-            return Walked::Stopped;
-        };
-        if rule.bp_words != 0 {
-            match bounds.read(cfa.wrapping_add((rule.bp_words as isize * WORD) as usize)) {
-                Some(v) => bp = v,
-                None => return Walked::Stopped,
-            }
-        }
         // The caller's stack pointer is the CFA of the frame just unwound. Keep the return
         // address iff that frame lies above the marker.
-        if cfa <= sp {
-            return Walked::Stopped;
-        }
         sp = cfa;
         if ret == 0 {
             return Walked::Root;
@@ -588,11 +666,14 @@ fn rule_from_row(
             .flatten()
     };
     match (i32::try_from(cfa_off), words(ra_off), words(bp_off)) {
-        (Ok(cfa_off), Some(ra_words), Some(bp_words)) if ra_words != 0 => Rule {
-            base,
-            cfa_off,
-            ra_words,
-            bp_words,
+        (Ok(cfa_off), Some(ra_words), Some(bp_words)) if ra_words != 0 => match base {
+            Base::Sp => Rule::sp(cfa_off, ra_words, bp_words),
+            _ => Rule {
+                base,
+                cfa_off,
+                ra_words,
+                bp_words,
+            },
         },
         _ => Rule::STOP,
     }
@@ -722,5 +803,106 @@ fn eh_frame_address(hdr: &[u8], hdr_svma: usize) -> Option<usize> {
         0 => usize::try_from(value).ok(),
         DW_EH_PE_PCREL => usize::try_from((hdr_svma as i64 + 4).checked_add(value)?).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: usize = std::mem::size_of::<usize>();
+
+    #[test]
+    fn sp_rules_must_keep_their_saved_words_inside_the_frame() {
+        assert_eq!(Rule::sp(16, -1, 0).base, Base::Sp);
+        assert_eq!(Rule::sp(24, -1, -3).base, Base::Sp);
+        // Return address or rbp above the CFA, below rsp, or at it; a CFA that is not
+        // above rsp or not word-aligned.
+        for (cfa_off, ra, bp) in [
+            (16, 1, 0),
+            (16, -3, 0),
+            (16, 0, 0),
+            (16, -1, 1),
+            (16, -1, -3),
+            (0, -1, 0),
+            (-16, -1, 0),
+            (12, -1, 0),
+        ] {
+            assert_eq!(Rule::sp(cfa_off, ra, bp), Rule::STOP, "{cfa_off} {ra} {bp}");
+        }
+    }
+
+    /// Walks `stack` (a fake stack on this thread's stack) from its first word, with the
+    /// depth memo filled with `rules` for the return addresses met (no CFI is consulted).
+    fn walk_fake(stack: &[usize], bp: usize, rules: &[(usize, Rule)]) -> (Walked, Vec<usize>) {
+        let lo = stack.as_ptr() as usize;
+        let bounds = StackBounds {
+            lo,
+            hi: lo + std::mem::size_of_val(stack),
+        };
+        let modules = Modules {
+            list: Vec::new(),
+            main_text: 0..0,
+        };
+        let mut state = SlotState::create().unwrap();
+        for (e, &(pc, rule)) in state.by_depth.iter_mut().zip(rules) {
+            *e = Entry { pc, rule };
+        }
+        let mut buf = StackBuf::new();
+        let end = walk(
+            &mut buf, 0, &bounds, &modules, &mut state, rules[0].0, lo, bp,
+        );
+        (end, buf.as_slice().to_vec())
+    }
+
+    #[test]
+    fn a_walk_follows_sp_and_bp_frames_to_the_root() {
+        let mut s = [0usize; 10];
+        let lo = s.as_ptr() as usize;
+        s[1] = 0x2001; // frame 0: CFA = sp + 16 (word 2), return address at CFA - 8
+        s[3] = lo + 6 * W; // frame 1 saves rbp (word 6) at CFA - 16
+        s[4] = 0x3001; // frame 1: CFA = sp + 24 (word 5)
+        s[6] = 0x77; // frame 2: CFA = rbp + 16 (word 8); its caller's rbp
+        s[7] = 0x4001;
+        let rules = [
+            (0x1000, Rule::sp(16, -1, 0)),
+            (0x2000, Rule::sp(24, -1, -2)),
+            (0x3000, Rule::FRAME_POINTER),
+            (0x4000, Rule::ROOT),
+        ];
+        let (end, frames) = walk_fake(&s, 0, &rules);
+        assert_eq!(end, Walked::Root);
+        assert_eq!(frames, [0x2001, 0x3001, 0x4001]);
+    }
+
+    #[test]
+    fn a_walk_stops_at_frames_outside_the_stack() {
+        let mut s = [0usize; 6];
+        let lo = s.as_ptr() as usize;
+        s[1] = 0x2001;
+        // Frame 1's CFA would be past the end of the stack.
+        let (end, frames) = walk_fake(
+            &s,
+            0,
+            &[(0x1000, Rule::sp(16, -1, 0)), (0x2000, Rule::sp(64, -1, 0))],
+        );
+        assert_eq!((end, frames.as_slice()), (Walked::Stopped, &[0x2001][..]));
+        // An rbp-based frame whose rbp points below the stack pointer, or misaligned, or
+        // far away.
+        for bp in [lo, lo + 3, usize::MAX - 8, 0] {
+            let (end, frames) = walk_fake(
+                &s,
+                bp,
+                &[(0x1000, Rule::sp(16, -1, 0)), (0x2000, Rule::FRAME_POINTER)],
+            );
+            assert_eq!(
+                (end, frames.as_slice()),
+                (Walked::Stopped, &[0x2001][..]),
+                "{bp:x}"
+            );
+        }
+        // A stop rule.
+        let (end, frames) = walk_fake(&s, 0, &[(0x1000, Rule::STOP)]);
+        assert_eq!((end, frames.len()), (Walked::Stopped, 0));
     }
 }
