@@ -4,11 +4,18 @@
 For every build, workload and pair (profiled, baseline), runs the two processes
 alternately --runs times (the order inside a pair alternates too), measures each
 process's CPU time (user + system, from wait4's rusage: the whole process, all threads),
-and reports the median of the per-pair ratios profiled/baseline - 1.
+and reports the median of the per-pair ratios profiled/baseline - 1, with a 95%
+confidence interval for that median (distribution-free: order statistics of the ratios).
+
+On a shared machine a process's CPU time moves with its neighbours' load, by 10-30% over
+tens of seconds. Many short pairs (--scale 0.1, --runs 31: run.sh's default) see the same
+drift on both sides of each pair and give a median that repeats within a few points,
+where a few long pairs (each run seconds long) did not.
 
 Usage: overhead.py [--runs N] [--scale F] [--only W,..] [--columns C,..] BUILD=DIR ...
 """
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -45,6 +52,21 @@ def cpu_seconds(binary, args, env):
     return ru.ru_utime + ru.ru_stime
 
 
+def median_ci(xs, level=0.95):
+    """A distribution-free confidence interval for the median of `xs`: the order
+    statistics x_(k), x_(n-k+1) for the largest k whose coverage,
+    1 - 2 P(Binomial(n, 1/2) <= k - 1), is at least `level`."""
+    xs = sorted(xs)
+    n = len(xs)
+    k = 0
+    while True:
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+        if 1 - 2 * tail < level:
+            break
+        k += 1
+    return xs[k - 1] if k else xs[0], xs[n - k] if k else xs[-1]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
@@ -74,9 +96,12 @@ def main():
                     ratios.append(t[True] / t[False])
                     ps.append(t[True])
                     bs.append(t[False])
-                res = (statistics.median(ratios), statistics.median(ps), statistics.median(bs))
+                res = (statistics.median(ratios), statistics.median(ps), statistics.median(bs),
+                       median_ci(ratios))
                 results[(build, wl, col)] = res
+                lo, hi = res[3]
                 print(f"# {build:8} {wl:8} {col:22} {100 * (res[0] - 1):+7.1f}%  "
+                      f"[{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]  "
                       f"({res[1]:.3f} s vs {res[2]:.3f} s; ratios "
                       + " ".join(f"{x:.3f}" for x in ratios) + ")",
                       file=sys.stderr, flush=True)
@@ -84,14 +109,15 @@ def main():
         return
     cols = [c for c, _, _ in PAIRS]
     for build, _ in builds:
-        print(f"\nBuild `{build}`: CPU-time overhead, median of {a.runs} alternating pairs\n")
+        print(f"\nBuild `{build}`: CPU-time overhead, median of {a.runs} alternating pairs at "
+              f"{a.scale:g} of the iterations [95% confidence interval of the median]\n")
         print("| workload | " + " | ".join(cols) + " |")
         print("|---|" + "---|" * len(cols))
         for wl, label in workloads:
             cells = []
             for c in cols:
-                m, p, b = results[(build, wl, c)]
-                cells.append(f"{100 * (m - 1):+.1f}%")
+                m, _, _, (lo, hi) = results[(build, wl, c)]
+                cells.append(f"{100 * (m - 1):+.1f}% [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]")
             print(f"| {label} | " + " | ".join(cells) + " |")
         print("\nBaseline CPU seconds (median): " + "; ".join(
             f"{wl}: System {results[(build, wl, cols[0])][2]:.2f}, "

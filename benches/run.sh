@@ -8,11 +8,13 @@
 #
 # Two builds: `default` (no frame pointers: allocprof picks its DWARF unwinder) in
 # target/, and `frame-pointers` (RUSTFLAGS=-Cforce-frame-pointers=yes: allocprof walks
-# frame pointers) in target-fp/. RUNS (default 5) alternating pairs per cell.
+# frame pointers) in target-fp/. RUNS (default 31) alternating pairs per cell, each
+# process at SCALE (default 0.1) of the workload's iterations (see overhead.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-all}
-RUNS=${RUNS:-5}
+RUNS=${RUNS:-31}
+SCALE=${SCALE:-0.1}
 FP_FLAGS="-C force-frame-pointers=yes"
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(rustc --version)"
@@ -21,7 +23,7 @@ cargo build -q --release --bins
 RUSTFLAGS="$FP_FLAGS" CARGO_TARGET_DIR=target-fp cargo build -q --release --bins
 
 if [[ $what == all || $what == workloads ]]; then
-    python3 overhead.py --runs "$RUNS" default=target/release frame-pointers=target-fp/release
+    python3 overhead.py --runs "$RUNS" --scale "$SCALE" default=target/release frame-pointers=target-fp/release
 fi
 
 if [[ $what == all || $what == instructions ]]; then
