@@ -233,43 +233,9 @@ impl SlotState {
     }
 }
 
-/// The rule for `pc`, from the cache or derived and cached.
-#[inline(always)]
-fn rule(
-    entries: &mut [[Entry; 2]; SETS],
-    ctx: &mut UnwindContext<usize>,
-    modules: &Modules,
-    pc: usize,
-) -> Rule {
-    let set = &entries[set_index(pc)];
-    if set[0].pc == pc {
-        return set[0].rule;
-    }
-    miss(entries, ctx, modules, pc)
-}
-
-#[inline(never)]
-fn miss(
-    entries: &mut [[Entry; 2]; SETS],
-    ctx: &mut UnwindContext<usize>,
-    modules: &Modules,
-    pc: usize,
-) -> Rule {
-    let set = &mut entries[set_index(pc)];
-    // The most recently used entry goes first.
-    if set[1].pc == pc {
-        set.swap(0, 1);
-        return set[0].rule;
-    }
-    let rule = derive(modules, ctx, pc);
-    let set = &mut entries[set_index(pc)];
-    set[1] = set[0];
-    set[0] = Entry { pc, rule };
-    rule
-}
-
-/// Puts the rule for `pc` into the depth memo's entry `e` (out of line, so that the walk
-/// reads a rule's fields from the entry whether or not it was just filled).
+/// Puts the rule for `pc` into the depth memo's entry `e`: from the 2-way cache, or
+/// derived from the CFI and cached. Out of line, so that the walk reads a rule's fields
+/// from the entry whether or not it was just filled.
 #[inline(never)]
 fn fill(
     e: &mut Entry,
@@ -278,10 +244,20 @@ fn fill(
     modules: &Modules,
     pc: usize,
 ) {
-    *e = Entry {
-        pc,
-        rule: rule(entries, ctx, modules, pc),
-    };
+    let set = &mut entries[set_index(pc)];
+    if set[0].pc != pc {
+        // The most recently used entry goes first.
+        if set[1].pc == pc {
+            set.swap(0, 1);
+        } else {
+            set[1] = set[0];
+            set[0] = Entry {
+                pc,
+                rule: derive(modules, ctx, pc),
+            };
+        }
+    }
+    *e = set[0];
 }
 
 #[inline(always)]
