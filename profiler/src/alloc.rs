@@ -94,16 +94,10 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // Every outcome ends in a tail call: the fast path needs no stack frame at all.
-        let due = thread::on_free(layout.size());
-        if live::may_be_sampled(ptr as usize) {
-            // One free in hundreds under glibc, but a program may free a 4 KiB-aligned
-            // block in a loop: the filter's cached load settles it without a call.
-            if due | live::filter_says(ptr as usize) {
-                // SAFETY: the caller upholds dealloc's contract.
-                return unsafe { dealloc_slow(&self.inner, ptr, layout) };
-            }
-        } else if due {
+        // Both tests run unconditionally (`|`, not `||`) so that the common case is one
+        // predictable branch, and both outcomes end in a tail call: the fast path needs
+        // no stack frame at all.
+        if live::may_be_sampled(ptr as usize) | thread::on_free(layout.size()) {
             // SAFETY: the caller upholds dealloc's contract.
             return unsafe { dealloc_slow(&self.inner, ptr, layout) };
         }
@@ -116,7 +110,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
         // For sampling, a realloc is the free of the old block and the allocation of the
         // new one.
         let due = thread::on_alloc(new_size);
-        if due || live::may_contain(ptr as usize) {
+        if due || live::may_be_sampled(ptr as usize) {
             // SAFETY: the caller upholds realloc's contract.
             return unsafe { realloc_slow(&self.inner, ptr, layout, new_size, due) };
         }
@@ -323,8 +317,8 @@ unsafe fn move_block<A: GlobalAlloc>(
     new
 }
 
-/// A free that may be of a sampled object (its pointer is 4 KiB-aligned and its filter bit
-/// set), or that ran out the thread's free countdown.
+/// A free that may be of a sampled object (its pointer is 4 KiB-aligned), or that ran out
+/// the thread's free countdown.
 ///
 /// The sample is forgotten *before* the memory goes back: once it is back, another
 /// thread may be handed the same address and sample it. The real free comes last, as a

@@ -256,23 +256,13 @@ pub(crate) fn may_be_sampled(ptr: usize) -> bool {
 /// Is `ptr` a tracked sampled allocation? Lock-free; the common answer is `false`.
 #[inline(always)]
 pub(crate) fn contains(ptr: usize) -> bool {
-    may_contain(ptr) && probe(ptr)
+    may_be_sampled(ptr) && may_contain(ptr) && probe(ptr)
 }
 
-/// The tests that need neither a lock nor a probe: `false` means `ptr` is certainly not
-/// tracked; `true` means it may be (then [`probe`] decides). For nearly every pointer
-/// this is the alignment test alone; a 4 KiB-aligned pointer also costs the filter's
-/// cached load (so that a program freeing such a pointer in a loop does not leave the
-/// fast path).
+/// The filter test alone: `false` means `ptr` is certainly not tracked; `true` means it may
+/// be (then [`probe`] decides). One cached load.
 #[inline(always)]
-pub(crate) fn may_contain(ptr: usize) -> bool {
-    may_be_sampled(ptr) && filter_says(ptr)
-}
-
-/// The filter test, for a pointer that passed [`may_be_sampled`]: `false` means `ptr` is
-/// certainly not tracked.
-#[inline(always)]
-pub(crate) fn filter_says(ptr: usize) -> bool {
+fn may_contain(ptr: usize) -> bool {
     let (word, mask) = filter_bit(home(ptr) >> 1);
     // Acquire pairs with the Release in `insert`: a pointer handed to this thread after
     // its insertion has its bit visible here.
