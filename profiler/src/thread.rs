@@ -16,11 +16,10 @@
 //! countdown runs out, [`alloc_event`] publishes the bytes and counts consumed since
 //! arming (into the thread's own slot of counters, see [`SLOT_COUNT`]; a plain load and
 //! store each), decides whether the allocation that crossed zero is sampled, and re-arms;
-//! that allocation is published once the inner allocator has granted it. So the exact
-//! totals are at most `FLUSH_BYTES` of allocation (and as much of freeing) behind per
-//! running thread; that is the staleness bound documented on [`crate::Stats`]. A thread
-//! that exits flushes what it holds from a separate thread-local destructor registered on
-//! its first slow event.
+//! that allocation is published once the inner allocator has granted it. So the exact totals are at most `FLUSH_BYTES` of
+//! allocation (and as much of freeing) behind per running thread; that is the staleness
+//! bound documented on [`crate::Stats`]. A thread that exits flushes what it holds from a
+//! separate thread-local destructor registered on its first slow event.
 
 use crate::config;
 use crate::sampler::{self, Rng};
