@@ -4,18 +4,13 @@
 //! answer must be cheap and lock-free (DESIGN invariant 5), so the set is an
 //! open-addressing hash table of atomic words in static memory:
 //!
-//! * **Readers** (every free and realloc) first look at the pointer itself: every tracked
-//!   block was allocated with an alignment of at least [`SAMPLED_ALIGN`] (4 KiB, see
-//!   `alloc.rs`), so a pointer that is not a multiple of it is certainly not tracked. That
-//!   test is one instruction on the pointer, with no memory access at all, and it settles
-//!   nearly every free: under glibc's `malloc` one small block in 256 lies on a page
-//!   boundary by chance (allocators that place larger size classes on page boundaries
-//!   send those to the next test, as every free went before). For a pointer on such a
-//!   boundary, readers hash it and test one bit of an 8 KiB filter (65536 bits, one per
-//!   cache line of the table, set while any tracked pointer has its home slot in that
-//!   line); only when that bit is set too (the pointer is sampled, or shares a line with
-//!   one: about `live / 65536` of them) do they probe the slots with plain atomic loads
-//!   until they find it or an empty slot. No lock, no read-modify-write.
+//! * **Readers** (every free and realloc) hash the pointer and first test one bit of an
+//!   8 KiB filter (65536 bits, one per cache line of the table, set while any tracked
+//!   pointer has its home slot in that line). The filter stays in the L1 cache, so the
+//!   common answer — not sampled — costs one cached load. Only when the bit is set (the
+//!   pointer is sampled, or shares a line with one: about `live / 65536` of frees) do they
+//!   probe the slots with plain atomic loads until they find it or an empty slot. No lock,
+//!   no read-modify-write.
 //! * **Writers** (sampled allocations and frees of sampled objects, one per 512 KiB on
 //!   average) are serialized per *stripe*: the table is [`STRIPES`] independent
 //!   open-addressing tables (a pointer's stripe is given by the top bits of its hash, and
@@ -48,8 +43,8 @@
 //! At most [`MAX_LIVE`] sampled objects are tracked at once (at most half of each
 //! stripe's slots, so slightly fewer when pointers spread unevenly) — at the default rate
 //! that is about 32 GiB of live sampled heap; beyond it new samples are still counted as
-//! allocations (and given ordinary blocks, see `alloc.rs`) but their frees cannot be
-//! credited, and `Stats::untracked_samples` says how many.
+//! allocations but their frees cannot be credited, and `Stats::untracked_samples` says
+//! how many.
 
 use crate::lock::{ForkLock, Mutex};
 use crate::table::StackId;
@@ -243,26 +238,16 @@ fn filter_bit(line: usize) -> (usize, u64) {
     (line >> 6, 1 << (line & 63))
 }
 
-/// The alignment of every tracked block: the sampled path allocates with at least this
-/// alignment (and frees with the same layout), and nothing is tracked that was not.
-pub(crate) const SAMPLED_ALIGN: usize = 4096;
-
-/// The first test, on the pointer alone: `false` means `ptr` is certainly not tracked.
-#[inline(always)]
-pub(crate) fn may_be_sampled(ptr: usize) -> bool {
-    ptr & (SAMPLED_ALIGN - 1) == 0
-}
-
 /// Is `ptr` a tracked sampled allocation? Lock-free; the common answer is `false`.
 #[inline(always)]
 pub(crate) fn contains(ptr: usize) -> bool {
-    may_be_sampled(ptr) && may_contain(ptr) && probe(ptr)
+    may_contain(ptr) && probe(ptr)
 }
 
 /// The filter test alone: `false` means `ptr` is certainly not tracked; `true` means it may
 /// be (then [`probe`] decides). One cached load.
 #[inline(always)]
-fn may_contain(ptr: usize) -> bool {
+pub(crate) fn may_contain(ptr: usize) -> bool {
     let (word, mask) = filter_bit(home(ptr) >> 1);
     // Acquire pairs with the Release in `insert`: a pointer handed to this thread after
     // its insertion has its bit visible here.
@@ -334,19 +319,6 @@ fn meta(_w: &mut Writer, i: usize) -> &mut LiveMeta {
 /// Starts tracking `ptr`. Returns `false` (and counts it) when the set is full.
 /// Sampled path only.
 pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
-    insert_with(ptr, m, false)
-}
-
-/// Tracks `ptr` even beyond the stripe's limits, for a block that is already over-aligned
-/// and must stay recognisable at its free: the old block of a failed `realloc`, or a new
-/// one whose swap for an ordinary block failed. Each such block exceeds the limits by
-/// one, and only while its thread is in that rare path, so the stripe keeps thousands of
-/// free slots. Returns `false` only if the stripe has no free slot at all.
-pub(crate) fn insert_forced(ptr: usize, m: LiveMeta) -> bool {
-    insert_with(ptr, m, true)
-}
-
-fn insert_with(ptr: usize, m: LiveMeta, forced: bool) -> bool {
     if ptr <= TOMBSTONE {
         return false;
     }
@@ -354,13 +326,13 @@ fn insert_with(ptr: usize, m: LiveMeta, forced: bool) -> bool {
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
-    if !forced && (w.live >= STRIPE_MAX_LIVE || w.live + w.tombstones >= STRIPE_MAX_USED) {
+    if w.live >= STRIPE_MAX_LIVE || w.live + w.tombstones >= STRIPE_MAX_USED {
         drop(guard);
-        note_untracked();
+        UNTRACKED.fetch_add(1, Ordering::Relaxed);
         return false;
     }
     let mut i = h;
-    for _ in 0..STRIPE_SLOTS {
+    loop {
         let v = key(i).load(Ordering::Relaxed);
         if v == EMPTY || v == TOMBSTONE {
             if v == TOMBSTONE {
@@ -382,14 +354,6 @@ fn insert_with(ptr: usize, m: LiveMeta, forced: bool) -> bool {
         }
         i = next(i);
     }
-    drop(guard);
-    note_untracked();
-    false
-}
-
-/// Counts a sample that is not tracked (its free will not be credited).
-pub(crate) fn note_untracked() {
-    UNTRACKED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Stops tracking `ptr` and returns what was recorded for it, if it was tracked.

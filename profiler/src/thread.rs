@@ -11,12 +11,11 @@
 //!
 //! # Slow events
 //!
-//! `alloc_left` is armed with `min(distance to the next sample point, FLUSH_BYTES)`. The
-//! allocation side runs before the inner allocator is asked (see `alloc.rs`). When the
-//! countdown runs out, [`alloc_event`] publishes the bytes and counts consumed since
-//! arming (into the thread's own slot of counters, see [`SLOT_COUNT`]; a plain load and
-//! store each), decides whether the allocation that crossed zero is sampled, and re-arms;
-//! that allocation is published once the inner allocator has granted it. So the exact totals are at most `FLUSH_BYTES` of
+//! `alloc_left` is armed with `min(distance to the next sample point, FLUSH_BYTES)`. When
+//! it runs out, [`alloc_event`] publishes the bytes and counts consumed since arming (into
+//! the thread's own slot of counters, see [`SLOT_COUNT`]; a plain load and store each),
+//! decides whether the allocation that crossed
+//! zero is sampled, and re-arms. So the exact totals are at most `FLUSH_BYTES` of
 //! allocation (and as much of freeing) behind per running thread; that is the staleness
 //! bound documented on [`crate::Stats`]. A thread that exits flushes what it holds from a
 //! separate thread-local destructor registered on its first slow event.
@@ -171,9 +170,7 @@ impl Totals {
 /// [`SLOT_COUNT`], exiting threads) and by counted regions.
 static TOTALS: Totals = Totals::new();
 
-/// Fast path of an allocation, taken *before* the inner allocator is asked (so that the
-/// slow path can choose how to allocate a sampled block). Returns `true` when the slow
-/// path must run. If the inner allocator then fails, [`undo_alloc`] takes it back.
+/// Fast path of an allocation. Returns `true` when the slow path must run.
 #[inline(always)]
 pub(crate) fn on_alloc(size: usize) -> bool {
     STATE.with(|s| {
@@ -182,23 +179,6 @@ pub(crate) fn on_alloc(size: usize) -> bool {
         s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
         left <= 0
     })
-}
-
-/// Takes back an [`on_alloc`] that returned `false` and whose allocation failed: a failed
-/// allocation is not counted.
-#[cold]
-pub(crate) fn undo_alloc(size: usize) {
-    STATE.with(|s| {
-        s.alloc_left
-            .set(s.alloc_left.get().wrapping_add(size as isize));
-        s.alloc_count.set(s.alloc_count.get().wrapping_sub(1));
-    })
-}
-
-/// Publishes one allocation of `size` bytes that the inner allocator granted after
-/// [`alloc_event`] (which leaves it out of its flush, in case it fails).
-pub(crate) fn count_alloc(size: usize) {
-    STATE.with(|s| publish(s, Dir::Alloc, size as u64, 1))
 }
 
 /// Fast path of a free. Returns `true` when the free-side flush must run.
@@ -226,14 +206,10 @@ pub(crate) fn set_busy(busy: bool) -> bool {
 }
 
 /// The slow event of the allocation side, for the allocation of `size` bytes that made
-/// `alloc_left` reach zero ([`on_alloc`] has counted it), before the inner allocator is
-/// asked for it. Flushes what came before it, decides and re-arms. This allocation itself
-/// is not published: the caller does that with [`count_alloc`] once it has been granted.
+/// `alloc_left` reach zero. Flushes, decides and re-arms.
 ///
 /// Returns the rate to sample this allocation at, or `None` if it is not sampled (no
-/// sample point inside it, sampling off, or the thread is marked busy). A sample decided
-/// for an allocation that then fails is simply not taken: the next distance is drawn
-/// afresh, which for the exponential is the same process.
+/// sample point inside it, sampling off, or the thread is marked busy).
 ///
 /// Must not allocate except with the reentrancy mark set.
 #[cold]
@@ -244,10 +220,7 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
             start_thread(s);
         }
         let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
-        // Everything before this allocation: `on_alloc` added it to both cells.
-        let before = consumed.wrapping_sub(size as isize).max(0) as u64;
-        let count = s.alloc_count.replace(0).saturating_sub(1);
-        publish(s, Dir::Alloc, before, count);
+        flush_alloc(s, consumed);
 
         let (rate, epoch) = config::rate_and_epoch();
         let mut rng = Rng(s.rng.get());
