@@ -21,16 +21,13 @@ import re
 import subprocess
 import tempfile
 
-from overhead import DEFAULT_ITERS, PAIRS, WORKLOADS
+from overhead import DEFAULT_ITERS, PAIRS, WORKLOADS, process_env
 
 THREADS = 2  # src/lib.rs: THREADS
 
 
 def instructions(binary, args, env):
-    full_env = dict(os.environ)
-    for k in ("_RJEM_MALLOC_CONF", "BENCH_PROFILE", "MALLOC_CONF"):
-        full_env.pop(k, None)
-    full_env.update(env)
+    full_env = process_env(env)
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run(
             ["valgrind", "--tool=cachegrind", "--cache-sim=no",

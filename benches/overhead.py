@@ -40,12 +40,17 @@ PAIRS = [
 ]
 
 
-def cpu_seconds(binary, args, env):
+def process_env(env):
+    """This process's environment without the peers' profiling switches, plus `env`."""
     full_env = dict(os.environ)
     for k in ("_RJEM_MALLOC_CONF", "BENCH_PROFILE", "MALLOC_CONF"):
         full_env.pop(k, None)
     full_env.update(env)
-    p = subprocess.Popen([binary] + args, env=full_env, stdout=subprocess.DEVNULL)
+    return full_env
+
+
+def cpu_seconds(binary, args, env):
+    p = subprocess.Popen([binary] + args, env=process_env(env), stdout=subprocess.DEVNULL)
     _, status, ru = os.wait4(p.pid, 0)
     if status != 0:
         raise SystemExit(f"{binary} {args} failed with status {status}")

@@ -5,7 +5,7 @@ Each round runs every command once (the order rotates from round to round and re
 every other cycle), so all variants see the same drift of a shared machine. For each
 command after the first it prints the median of the per-round CPU-time ratios
 command / baseline - 1 with a 95% confidence interval for that median (overhead.py's
-`median_ci`). CPU time is user + system of the whole process, from wait4's rusage.
+`median_ci`), with overhead.py's CPU time (user + system of the whole process).
 
 Usage: rotate.py ROUNDS 'BASELINE' 'COMMAND' ...
 A command may start with NAME=VALUE environment settings, e.g.
@@ -13,26 +13,21 @@ A command may start with NAME=VALUE environment settings, e.g.
       "target/release/wl_allocprof_system churn 300000" \
       "ALLOCPROF_SAMPLE_RATE=0 target/release/wl_allocprof_system churn 300000"
 """
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 
-from overhead import median_ci
+from overhead import cpu_seconds, median_ci
 
 
-def cpu_seconds(spec):
+def run(spec):
+    """CPU seconds of one run of `spec`: leading NAME=VALUE settings, then the command."""
     parts = shlex.split(spec)
-    env = dict(os.environ)
+    env = {}
     while parts and "=" in parts[0] and not parts[0].startswith(("/", ".")):
         k, v = parts.pop(0).split("=", 1)
         env[k] = v
-    p = subprocess.Popen(parts, env=env, stdout=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{spec} failed with status {status}")
-    return ru.ru_utime + ru.ru_stime
+    return cpu_seconds(parts[0], parts[1:], env)
 
 
 def main():
@@ -48,7 +43,7 @@ def main():
         if (i // len(cmds)) % 2:
             order.reverse()
         for j in order:
-            times[j].append(cpu_seconds(cmds[j]))
+            times[j].append(run(cmds[j]))
     for j in range(1, len(cmds)):
         ratios = [b / a for a, b in zip(times[0], times[j])]
         lo, hi = median_ci(ratios)

@@ -35,10 +35,10 @@
 //!
 //! The table lives in `.bss`: 2^17 slots in 2^16 lines, 4 MiB; untouched pages cost
 //! nothing. Where the kernel offers transparent huge pages (`madvise` mode or `always`),
-//! the table asks for them at start-up, before the first sample: its accesses are to random lines,
-//! and with 4 KiB pages each one also missed the TLB in a program churning its heap. The
-//! price is that the first samples fault in 2 MiB pages (4 MiB in all), which
-//! `Stats::profiler_bytes` counts.
+//! the table asks for them at start-up, before the first sample: its accesses are to
+//! random lines, and with 4 KiB pages each one also missed the TLB in a program churning
+//! its heap. The price is that the first samples fault in 2 MiB pages (4 MiB in all),
+//! which `Stats::profiler_bytes` counts.
 //!
 //! At most [`MAX_LIVE`] sampled objects are tracked at once (at most half of each
 //! stripe's slots, so slightly fewer when pointers spread unevenly) — at the default rate
