@@ -96,6 +96,11 @@
 //! | `/debug/pprof/symbol` | `num_symbols: 1`; GET with a query or POST of `0xPC+0xPC…` adds `0xPC name` lines |
 //! | `/debug/pprof/stats` | JSON object of `allocprof::stats()` (`Stats::fields` names and order) |
 //! | other `/debug/pprof/NAME` | 404 `Unknown profile` |
+//! | a path with a bad `%` escape | 400 `400 Bad Request`, `Connection: close` (Go's server, before any handler or the token) |
+//! | a path that is not clean (`//`, `.` or `..` elements) | 301 to the clean path, query kept (Go's `ServeMux`) |
+//!
+//! Paths are percent-decoded before they are matched, so `/debug/pprof/%68eap` is the
+//! heap profile.
 //!
 //! Every response carries `X-Content-Type-Options: nosniff`. Errors of the profile
 //! handlers are Go's: `text/plain; charset=utf-8`, `X-Go-Pprof: 1`, body = message and
@@ -140,6 +145,7 @@ mod auth;
 mod collect;
 mod config;
 mod flamegraph;
+mod path;
 mod query;
 mod response;
 mod routes;

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_DISPOSITION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_DISPOSITION, CONTENT_TYPE, LOCATION};
 use hyper::{Response, StatusCode};
 
 /// The body type of every response.
@@ -63,4 +63,30 @@ pub(crate) fn go_error(status: StatusCode, message: &str) -> Response<Body> {
 /// `http.Error` shape, without `X-Go-Pprof`.
 pub(crate) fn http_error(status: StatusCode, message: &str) -> Response<Body> {
     with(status, TEXT, format!("{message}\n"))
+}
+
+/// Go's `http.Redirect` with 301 to `to` (an escaped path and query): the `Location` and
+/// a one-link HTML body.
+pub(crate) fn moved_permanently(to: &str) -> Response<Body> {
+    let mut r = with(
+        StatusCode::MOVED_PERMANENTLY,
+        HTML,
+        format!(
+            "<a href=\"{}\">Moved Permanently</a>.\n\n",
+            crate::path::html_escape(to)
+        ),
+    );
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(LOCATION, v);
+    }
+    r
+}
+
+/// What Go's server answers to a request it cannot parse (here: a bad escape in the
+/// path): `400 Bad Request` as text, and the connection closed.
+pub(crate) fn bad_request() -> Response<Body> {
+    let mut r = with(StatusCode::BAD_REQUEST, TEXT, "400 Bad Request");
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }

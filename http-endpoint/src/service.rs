@@ -4,9 +4,9 @@
 use crate::collect::Collector;
 use crate::config::Config;
 use crate::response::{self, Body};
-use crate::{auth, routes};
+use crate::{auth, path, routes};
 use hyper::body::Body as HttpBody;
-use hyper::header::{HeaderValue, ALLOW, LOCATION, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::future::Future;
@@ -106,6 +106,11 @@ impl Pprof {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let config = &self.shared.config;
+        // As Go's server: a path with a bad escape is a bad request, answered before any
+        // handler (and so before the token is checked).
+        let Some(decoded) = path::decode(req.uri().path()) else {
+            return response::bad_request();
+        };
         if let Some(token) = &config.token {
             if !auth::authorized(req.headers(), token) {
                 let mut r = response::go_error(StatusCode::UNAUTHORIZED, "Unauthorized");
@@ -116,7 +121,12 @@ impl Pprof {
                 return r;
             }
         }
-        let route = route(req.uri().path(), &config.prefix);
+        // As Go's ServeMux: route on the clean path, and redirect to it if it differs.
+        let clean = path::clean(&decoded);
+        if clean != decoded {
+            return redirect(path::escape(&clean), req.uri().query());
+        }
+        let route = route(&String::from_utf8_lossy(&clean), &config.prefix);
         let allowed: &'static str = match route {
             Route::NotFound | Route::UnknownProfile | Route::Redirect => "",
             Route::Symbol => "GET, HEAD, POST",
@@ -139,21 +149,19 @@ impl Pprof {
             Route::Symbol => routes::symbol(self, req).await,
             Route::Stats => routes::stats(self).await,
             Route::UnknownProfile => response::go_error(StatusCode::NOT_FOUND, "Unknown profile"),
-            Route::Redirect => {
-                let to = format!("{}/", config.prefix);
-                let mut r = response::with(
-                    StatusCode::MOVED_PERMANENTLY,
-                    response::HTML,
-                    format!("<a href=\"{to}\">Moved Permanently</a>.\n\n"),
-                );
-                if let Ok(v) = HeaderValue::from_str(&to) {
-                    r.headers_mut().insert(LOCATION, v);
-                }
-                r
-            }
+            Route::Redirect => redirect(format!("{}/", config.prefix), req.uri().query()),
             Route::NotFound => response::http_error(StatusCode::NOT_FOUND, "404 page not found"),
         }
     }
+}
+
+/// 301 to the escaped path `to`, with the request's query kept (as Go's `ServeMux`).
+fn redirect(mut to: String, query: Option<&str>) -> Response<Body> {
+    if let Some(q) = query {
+        to.push('?');
+        to.push_str(q);
+    }
+    response::moved_permanently(&to)
 }
 
 /// Maps a request path to its route, relative to `prefix` (no trailing slash).

@@ -134,6 +134,29 @@ fn legacy_text_over_http() {
     assert!(raw.contains("Period: 4096"), "{raw}");
 }
 
+/// A URL with a doubled slash (a base URL ending in `/` joined to `/debug/pprof/...`)
+/// reaches the profile through the mux's redirect, and an escaped path is decoded, as
+/// against a Go server.
+#[test]
+fn pprof_follows_clean_path_redirects() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !have_go() {
+        return;
+    }
+    let addr = base_url_addr();
+    for target in [
+        format!("http://{addr}//debug/pprof/heap"),
+        format!("http://{addr}/debug/pprof/./x/../%68eap"),
+    ] {
+        let (top, stderr) = go_pprof(&["-top", &target]);
+        assert!(top.contains("Type: inuse_space"), "{target}: {stderr}{top}");
+        assert!(
+            top.contains("common::endpoint_test_retained_blocks"),
+            "{target}: {top}"
+        );
+    }
+}
+
 /// With a token configured, `go tool pprof` (which cannot send one) fails with our reason
 /// shown, because errors carry `X-Go-Pprof: 1`.
 #[test]

@@ -275,13 +275,59 @@ fn routes_as_go() {
         // Outside the prefix.
         case("GET", "/", 404, TEXT).is("404 page not found\n"),
         case("GET", "/debug/pprofx", 404, TEXT).is("404 page not found\n"),
+        // Paths as Go's server reads them: percent-decoded, and a bad escape is a bad
+        // request before any handler.
+        case("GET", "/debug/pprof/%68eap", 200, BIN)
+            .disposition("attachment; filename=\"heap\"")
+            .gzip(),
+        case("GET", "/debug/%70prof/allocs?debug=1", 200, TEXT).has(&["heap profile: "]),
+        case("GET", "/debug/pprof/%zz", 400, TEXT).is("400 Bad Request"),
+        case("GET", "/debug/pprof/heap%", 400, TEXT).is("400 Bad Request"),
+        // ServeMux's clean-path redirects, query kept.
+        case("GET", "//debug/pprof/heap", 301, "text/html; charset=utf-8")
+            .is("<a href=\"/debug/pprof/heap\">Moved Permanently</a>.\n\n"),
+        case(
+            "GET",
+            "/debug/pprof/./heap?debug=1&gc=1",
+            301,
+            "text/html; charset=utf-8",
+        )
+        .is("<a href=\"/debug/pprof/heap?debug=1&amp;gc=1\">Moved Permanently</a>.\n\n"),
+        case(
+            "GET",
+            "/debug/pprof/x/../allocs",
+            301,
+            "text/html; charset=utf-8",
+        ),
+        case("GET", "/debug/pprof/goroutine/", 404, TEXT).go_error("Unknown profile"),
     ];
     for c in &cases {
         let r = request(addr, c.method, &c.target, &[], &c.body);
         c.check(&r);
     }
-    let r = get(addr, "/debug/pprof");
-    assert_eq!(r.header("location"), Some("/debug/pprof/"));
+    for (target, location) in [
+        ("/debug/pprof", "/debug/pprof/"),
+        ("/debug/pprof?debug=1", "/debug/pprof/?debug=1"),
+        ("//debug/pprof/heap", "/debug/pprof/heap"),
+        (
+            "/debug//pprof/heap?seconds=1",
+            "/debug/pprof/heap?seconds=1",
+        ),
+        ("/debug/pprof/x/../allocs", "/debug/pprof/allocs"),
+        ("/debug/pprof/heap/..", "/debug/pprof"),
+        ("/a/../%2e%2e/debug/pprof/", "/debug/pprof/"),
+        ("/debug/pprof/./a%20b/", "/debug/pprof/a%20b/"),
+    ] {
+        let r = get(addr, target);
+        assert_eq!(r.status, 301, "{target}");
+        assert_eq!(r.header("location"), Some(location), "{target}");
+    }
+    let r = get(addr, "/debug/pprof/%zz");
+    assert_eq!(
+        r.header("connection"),
+        Some("close"),
+        "a bad request closes"
+    );
     let r = request(addr, "POST", "/debug/pprof/heap", &[], &[]);
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
     let r = request(addr, "PUT", "/debug/pprof/symbol", &[], &[]);
