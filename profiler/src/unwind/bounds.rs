@@ -97,6 +97,7 @@ impl StackBounds {
     ///
     /// `addr` is word-aligned and `[addr, addr + size_of::<usize>())` lies inside
     /// `[lo, hi)` (as [`StackBounds::contains`] would check).
+    #[cfg(target_arch = "x86_64")] // the DWARF unwinder's
     #[inline(always)]
     pub(crate) unsafe fn read_unchecked(&self, addr: usize) -> usize {
         debug_assert!(self.contains(addr, std::mem::size_of::<usize>()));
@@ -105,6 +106,7 @@ impl StackBounds {
     }
 
     /// Reads the word at `addr` if it lies inside this thread's stack.
+    #[cfg(target_arch = "x86_64")] // the DWARF unwinder's
     #[inline]
     pub(crate) fn read(&self, addr: usize) -> Option<usize> {
         if !self.contains(addr, std::mem::size_of::<usize>()) {

@@ -31,7 +31,9 @@ pub(super) enum End {
     /// The last pushed return address lies outside the code known to keep frame pointers.
     /// The caller may continue from here with a DWARF unwinder: `ip` is that return
     /// address, `sp` the caller's stack pointer after the return (the CFA of the frame the
-    /// record belonged to) and `bp` the caller's frame-pointer register.
+    /// record belonged to) and `bp` the caller's frame-pointer register. x86_64 only (see
+    /// `handoff`).
+    #[cfg(target_arch = "x86_64")]
     Handoff { ip: usize, sp: usize, bp: usize },
 }
 
