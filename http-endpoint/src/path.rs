@@ -3,31 +3,12 @@
 //!
 //! * Go's server parses the request target with `url.ParseRequestURI`, which decodes
 //!   `%XX` escapes in the path (`+` stays `+`); a bad escape fails the parse and the
-//!   server answers `400 Bad Request` without calling any handler.
+//!   server answers `400 Bad Request` without calling any handler. (The decoding is
+//!   `query::percent_decode`, shared with the query's.)
 //! * `ServeMux` routes on the decoded path after `cleanPath` (`path.Clean`, keeping a
 //!   trailing slash). If that differs from the request's path it answers 301 with the
 //!   clean path (and the original query) instead, so `//debug/pprof/heap` and
 //!   `/debug/pprof/./heap` reach the heap profile after one redirect.
-
-/// Decodes `%XX` escapes; `None` for a `%` not followed by two hex digits (Go: 400).
-pub(crate) fn decode(raw: &str) -> Option<Vec<u8>> {
-    let b = raw.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let hi = (hex[0] as char).to_digit(16)?;
-            let lo = (hex[1] as char).to_digit(16)?;
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
-}
 
 /// Go's `cleanPath`: a leading `/`, no empty, `.` or `..` elements (`..` removes the
 /// element before it and stops at the root), and the trailing slash kept when the path
@@ -92,8 +73,11 @@ mod tests {
         String::from_utf8(clean(p.as_bytes())).unwrap()
     }
 
+    /// Paths are decoded as `url.ParseRequestURI` decodes them (`query::percent_decode`
+    /// without `+` as space).
     #[test]
     fn decodes_like_url_parse() {
+        let decode = |p| crate::query::percent_decode(p, false);
         assert_eq!(decode("/debug/pprof/%68eap").unwrap(), b"/debug/pprof/heap");
         assert_eq!(decode("/a+b%2Fc%2f").unwrap(), b"/a+b/c/");
         assert_eq!(decode("/%e2%82%ac").unwrap(), "/€".as_bytes());

@@ -24,6 +24,12 @@ pub(crate) fn form_value(raw_query: Option<&str>, key: &str) -> Option<String> {
 /// Go's `url.QueryUnescape`: `%XX` escapes and `+` as space; `None` on a bad escape or
 /// a result that is not UTF-8 (Go keeps the bytes; no parameter of ours can use them).
 fn unescape(s: &str) -> Option<String> {
+    String::from_utf8(percent_decode(s, true)?).ok()
+}
+
+/// Go's `url` unescaping: `%XX` escapes, and `+` as a space when `plus_is_space` (a
+/// query; a path keeps its `+`). `None` for a `%` not followed by two hex digits.
+pub(crate) fn percent_decode(s: &str, plus_is_space: bool) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -36,7 +42,7 @@ fn unescape(s: &str) -> Option<String> {
                 out.push((hi * 16 + lo) as u8);
                 i += 3;
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -46,7 +52,7 @@ fn unescape(s: &str) -> Option<String> {
             }
         }
     }
-    String::from_utf8(out).ok()
+    Some(out)
 }
 
 /// Go's `v, _ := strconv.Atoi(s)`: an optional sign and decimal digits; anything else

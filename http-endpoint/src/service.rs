@@ -4,7 +4,7 @@
 use crate::collect::Collector;
 use crate::config::Config;
 use crate::response::{self, Body};
-use crate::{auth, path, routes};
+use crate::{auth, path, query, routes};
 use hyper::body::Body as HttpBody;
 use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -108,7 +108,7 @@ impl Pprof {
         let config = &self.shared.config;
         // As Go's server: a path with a bad escape is a bad request, answered before any
         // handler (and so before the token is checked).
-        let Some(decoded) = path::decode(req.uri().path()) else {
+        let Some(decoded) = query::percent_decode(req.uri().path(), false) else {
             return response::bad_request();
         };
         if let Some(token) = &config.token {
