@@ -9,13 +9,20 @@ use common::{go_pprof, have_go, workload};
 use std::alloc::System;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 #[global_allocator]
 static A: allocprof_core::Profiler<System> = allocprof_core::Profiler::new(System);
 
 /// Tests here read the same process-wide profile; they take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// This test's turn, or `None` (skip) when `go` is missing (which fails instead under
+/// `ALLOCPROF_REQUIRE_GO=1`, see `have_go`).
+fn turn_with_go() -> Option<MutexGuard<'static, ()>> {
+    let turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    have_go().then_some(turn)
+}
 
 fn base_url() -> String {
     static SERVER: OnceLock<(Server, Vec<Vec<u8>>)> = OnceLock::new();
@@ -29,10 +36,9 @@ fn base_url() -> String {
 
 #[test]
 fn top_of_heap_and_allocs_over_http() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !have_go() {
+    let Some(_serial) = turn_with_go() else {
         return;
-    }
+    };
     let url = base_url();
     let (top, _) = go_pprof(&["-top", &format!("{url}/heap")]);
     println!("go tool pprof -top {url}/heap\n{top}");
@@ -77,10 +83,9 @@ fn endpoint_test_allocating_during_delta(stop: &AtomicBool) {
 
 #[test]
 fn seconds_gives_a_delta() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !have_go() {
+    let Some(_serial) = turn_with_go() else {
         return;
-    }
+    };
     let url = base_url();
     let stop = AtomicBool::new(false);
     let (top, stderr) = std::thread::scope(|s| {
@@ -116,10 +121,9 @@ fn seconds_gives_a_delta() {
 
 #[test]
 fn legacy_text_over_http() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !have_go() {
+    let Some(_serial) = turn_with_go() else {
         return;
-    }
+    };
     let url = base_url();
     // pprof parses the text (records and memory map). Asked to symbolize remotely, it
     // posts the addresses to /debug/pprof/symbol and names them from our answers.
@@ -139,10 +143,9 @@ fn legacy_text_over_http() {
 /// against a Go server.
 #[test]
 fn pprof_follows_clean_path_redirects() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !have_go() {
+    let Some(_serial) = turn_with_go() else {
         return;
-    }
+    };
     let addr = base_url_addr();
     for target in [
         format!("http://{addr}//debug/pprof/heap"),
@@ -161,10 +164,9 @@ fn pprof_follows_clean_path_redirects() {
 /// shown, because errors carry `X-Go-Pprof: 1`.
 #[test]
 fn pprof_shows_why_a_request_was_refused() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !have_go() {
+    let Some(_serial) = turn_with_go() else {
         return;
-    }
+    };
     let server = Config::new()
         .addr("127.0.0.1:0")
         .token(Some("s3cret"))
