@@ -4,6 +4,8 @@
 //! `p = 1 − exp(−s/R)`, Var(bytes) = n·s²·(1−p)/p and Var(count) = n·(1−p)/p.
 //! Also: rate 1 is exact, rate 0 samples nothing, and a rate change keeps estimates right.
 
+mod common;
+
 use allocprof::SampleType;
 use std::alloc::System;
 use std::hint::black_box;
@@ -244,7 +246,7 @@ fn exact_totals_count_every_byte() {
     // Exact to the byte only where no other thread allocates or exits meanwhile (a test
     // thread that exits flushes its counts): run the check alone in a child process.
     if std::env::var_os("ALLOCPROF_EXACT_CHILD").is_none() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        let out = common::target_command(std::env::current_exe().unwrap())
             .args([
                 "exact_totals_count_every_byte",
                 "--exact",

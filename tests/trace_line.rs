@@ -1,7 +1,8 @@
 //! The trace line: API and `ALLOCPROF_TRACE`, including bad values.
 
+mod common;
+
 use std::alloc::System;
-use std::process::Command;
 use std::time::Duration;
 
 #[global_allocator]
@@ -54,7 +55,7 @@ fn trace_api_reports_what_the_program_does() {
 
 /// Runs `child_trace_from_env` in a child process with `ALLOCPROF_TRACE=value`.
 fn run_child(value: &str) -> String {
-    let out = Command::new(std::env::current_exe().unwrap())
+    let out = common::target_command(std::env::current_exe().unwrap())
         .args([
             "child_trace_from_env",
             "--exact",

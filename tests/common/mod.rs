@@ -145,6 +145,20 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// A command that runs `program`, a binary built for the target under test: directly, or
+/// through the emulator named by `ALLOCPROF_TEST_RUNNER` (CI runs the tests built for
+/// aarch64 under `qemu-aarch64`, and their children must run there too).
+pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match std::env::var_os("ALLOCPROF_TEST_RUNNER").filter(|r| !r.is_empty()) {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Where cargo put this test's sibling example binaries (`target/<profile>/examples`).
 pub fn example_path(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
