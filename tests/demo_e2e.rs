@@ -36,7 +36,7 @@ fn start_demo(extra: &[&str]) -> Demo {
         }
         assert!(build.status().expect("run cargo build").success());
     }
-    let mut child = common::target_command(&exe)
+    let mut child = common::runner::target_command(&exe)
         .args([
             "--port",
             "0",

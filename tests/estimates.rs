@@ -246,7 +246,7 @@ fn exact_totals_count_every_byte() {
     // Exact to the byte only where no other thread allocates or exits meanwhile (a test
     // thread that exits flushes its counts): run the check alone in a child process.
     if std::env::var_os("ALLOCPROF_EXACT_CHILD").is_none() {
-        let out = common::target_command(std::env::current_exe().unwrap())
+        let out = common::runner::target_command(std::env::current_exe().unwrap())
             .args([
                 "exact_totals_count_every_byte",
                 "--exact",

@@ -39,7 +39,7 @@ fn thp_fault_fallbacks() -> u64 {
 /// Runs the child with `ALLOCPROF_HUGE_PAGES` set to `value` (or unset), returning its
 /// `AnonHugePages` in kB and the `profiler_bytes` it reported.
 fn child_report(value: Option<&str>) -> (u64, u64) {
-    let mut cmd = common::target_command(std::env::current_exe().unwrap());
+    let mut cmd = common::runner::target_command(std::env::current_exe().unwrap());
     cmd.args(["child_keeps_samples", "--exact", "--nocapture", "--ignored"]);
     cmd.env_remove("ALLOCPROF_HUGE_PAGES");
     if let Some(v) = value {

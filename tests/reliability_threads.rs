@@ -481,7 +481,7 @@ fn exit_while_sampling() {
     let exe = std::env::current_exe().expect("current_exe");
     for n in 0..EXIT_CHILDREN {
         let delay = (n * 7 % 40).to_string();
-        let mut child = common::target_command(&exe)
+        let mut child = common::runner::target_command(&exe)
             .args(["--ignored", "--exact", "helper_exit_child", "--nocapture"])
             .env(EXIT_CHILD_ENV, &delay)
             .stdout(std::process::Stdio::piped())

@@ -55,7 +55,7 @@ fn trace_api_reports_what_the_program_does() {
 
 /// Runs `child_trace_from_env` in a child process with `ALLOCPROF_TRACE=value`.
 fn run_child(value: &str) -> String {
-    let out = common::target_command(std::env::current_exe().unwrap())
+    let out = common::runner::target_command(std::env::current_exe().unwrap())
         .args([
             "child_trace_from_env",
             "--exact",

@@ -10,11 +10,13 @@
 //! `fp` is compared only in a build with frame pointers (`RUSTFLAGS="-C
 //! force-frame-pointers=yes"`); otherwise the test says it skips it.
 
+#[path = "../../tests/common/runner.rs"]
+mod runner;
+
 use allocprof_core::Profiler;
 use std::alloc::System;
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
-use std::process::Command;
 
 #[global_allocator]
 static ALLOC: Profiler<System> = Profiler::new(System);
@@ -100,7 +102,7 @@ fn is_ours(frame: &str) -> bool {
 
 fn run_child(unwinder: &str) -> String {
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
+    let out = runner::target_command(exe)
         .args([
             "--exact",
             "stacks_are_identical_across_unwinders",

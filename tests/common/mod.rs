@@ -5,6 +5,8 @@ use allocprof::pprof::proto;
 use std::io::Read;
 use std::process::Command;
 
+pub mod runner;
+
 /// Whether `go` is on PATH. When it is not: returns `false` after printing a notice, or
 /// panics if `ALLOCPROF_REQUIRE_GO=1` (CI sets it, so go-dependent tests cannot skip there).
 pub fn have_go() -> bool {
@@ -142,20 +144,6 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         }
         out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
         b = &b[eol + 2 + size + 2..];
-    }
-}
-
-/// A command that runs `program`, a binary built for the target under test: directly, or
-/// through the emulator named by `ALLOCPROF_TEST_RUNNER` (CI runs the tests built for
-/// aarch64 under `qemu-aarch64`, and their children must run there too).
-pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    match std::env::var_os("ALLOCPROF_TEST_RUNNER").filter(|r| !r.is_empty()) {
-        Some(runner) => {
-            let mut c = Command::new(runner);
-            c.arg(program);
-            c
-        }
-        None => Command::new(program),
     }
 }
 
