@@ -138,7 +138,9 @@ fn parse_size(s: &str) -> f64 {
 /// as (bytes grown, function), largest first.
 fn heap_growth(demo: &Demo, tag: &str) -> Vec<(f64, String)> {
     let base = fetch(demo, "/debug/pprof/heap", &format!("{tag}-base.pb.gz"));
-    std::thread::sleep(Duration::from_secs(6));
+    // Under an emulator the demo serves far fewer requests a second: wait longer.
+    let window = if common::runner::emulated() { 40 } else { 6 };
+    std::thread::sleep(Duration::from_secs(window));
     let now = fetch(demo, "/debug/pprof/heap", &format!("{tag}-now.pb.gz"));
     let out = go_pprof(&[
         "-top",

@@ -10,6 +10,7 @@
 //! `fp` is compared only in a build with frame pointers (`RUSTFLAGS="-C
 //! force-frame-pointers=yes"`); otherwise the test says it skips it.
 
+#[allow(dead_code)] // shared helpers, not all used here
 #[path = "../../tests/common/runner.rs"]
 mod runner;
 
