@@ -38,12 +38,13 @@ pub(crate) fn clean(p: &[u8]) -> Vec<u8> {
 /// Go's `url.URL.EscapedPath` for a path without a raw form: every byte escaped as
 /// `%XX` except letters, digits, `-._~` and `$&+,/:;=@`.
 pub(crate) fn escape(p: &[u8]) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(p.len());
     for &c in p {
         if c.is_ascii_alphanumeric() || b"-._~$&+,/:;=@".contains(&c) {
             out.push(c as char);
         } else {
-            out.push_str(&format!("%{c:02X}"));
+            let _ = write!(out, "%{c:02X}");
         }
     }
     out

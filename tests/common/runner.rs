@@ -6,9 +6,9 @@ use std::process::Command;
 /// through the emulator named by `ALLOCPROF_TEST_RUNNER` (CI runs the tests built for
 /// aarch64 under `qemu-aarch64`, and their children must run there too).
 pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    match runner() {
-        Some(runner) => {
-            let mut c = Command::new(runner);
+    match emulator() {
+        Some(emulator) => {
+            let mut c = Command::new(emulator);
             c.arg(program);
             c
         }
@@ -17,11 +17,11 @@ pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
 }
 
 /// The emulator the tests run under, if any.
-fn runner() -> Option<std::ffi::OsString> {
+fn emulator() -> Option<std::ffi::OsString> {
     std::env::var_os("ALLOCPROF_TEST_RUNNER").filter(|r| !r.is_empty())
 }
 
 /// Whether the tests run under an emulator (then everything runs 10–50 times slower).
 pub fn emulated() -> bool {
-    runner().is_some()
+    emulator().is_some()
 }
