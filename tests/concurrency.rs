@@ -139,3 +139,47 @@ fn threads_allocate_while_profiles_are_exported() {
     assert!(drift.abs() < 4096, "in-use drifted by {drift} bytes");
     assert_eq!(after.allocations - after.frees, after.in_use_objects);
 }
+
+/// The exact totals include what a running thread has allocated and freed so far, with
+/// nothing for that thread to flush first: another thread reads them while it waits.
+#[test]
+fn totals_include_a_running_threads_latest_work() {
+    const BLOCKS: usize = 100;
+    const BLOCK: usize = 1000;
+    let (to_main, from_worker) = mpsc::channel::<()>();
+    let (to_worker, from_main) = mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        // The first allocation of a thread takes its first slow event (it registers).
+        black_box(vec![0u8; 16]);
+        to_main.send(()).unwrap();
+        from_main.recv().unwrap();
+        let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![i as u8; BLOCK]).collect();
+        to_main.send(()).unwrap();
+        from_main.recv().unwrap();
+        drop(black_box(blocks));
+        to_main.send(()).unwrap();
+        from_main.recv().unwrap();
+    });
+    let bytes = (BLOCKS * BLOCK) as u64;
+    from_worker.recv().unwrap();
+    let s0 = allocprof::stats();
+    to_worker.send(()).unwrap();
+    from_worker.recv().unwrap();
+    // The worker now waits, holding its blocks; nothing has made it flush.
+    let s1 = allocprof::stats();
+    to_worker.send(()).unwrap();
+    from_worker.recv().unwrap();
+    let s2 = allocprof::stats();
+    to_worker.send(()).unwrap();
+    worker.join().unwrap();
+    // Other tests' threads may allocate and free meanwhile: only lower bounds hold.
+    assert!(
+        s1.allocated_bytes - s0.allocated_bytes >= bytes
+            && s1.allocations - s0.allocations >= BLOCKS as u64,
+        "allocations of a waiting thread missing: {s0:?} then {s1:?}"
+    );
+    assert!(
+        s2.freed_bytes - s1.freed_bytes >= bytes && s2.frees - s1.frees >= BLOCKS as u64,
+        "frees of a waiting thread missing: {s1:?} then {s2:?}"
+    );
+}

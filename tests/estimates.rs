@@ -264,6 +264,9 @@ fn exact_totals_count_every_byte() {
         );
         return;
     }
+    // The harness's main thread allocates as it starts this test (and stats() counts it
+    // at once): let it settle first.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let before = allocprof::stats();
     let v: Vec<Box<[u8]>> = (0..10_000)
         .map(|_| vec![0u8; 333].into_boxed_slice())
@@ -271,8 +274,8 @@ fn exact_totals_count_every_byte() {
     let mid = allocprof::stats();
     drop(v);
     let after = allocprof::stats();
-    // stats() flushes this thread's counters; no other thread runs. The differences are
-    // exact: the boxes and the Vec holding them.
+    // No other thread allocates meanwhile. The differences are exact: the boxes and the
+    // Vec holding them.
     let holder = 10_000 * std::mem::size_of::<Box<[u8]>>() as u64;
     assert_eq!(
         mid.allocated_bytes - before.allocated_bytes,

@@ -3,8 +3,9 @@
 //! * Hundreds of short-lived threads allocate, free memory other threads allocated,
 //!   allocate (and export) inside thread-local destructors, and some threads only free.
 //!   After they are joined, the profiler's exact totals must equal the truth, which a
-//!   counting inner allocator measures, within the documented staleness bound
-//!   (`Stats::FLUSH_BYTES` per thread that is still alive; exited threads flush all).
+//!   counting inner allocator measures: exactly, but for what the test harness's other
+//!   threads may allocate between the two readings ([`HARNESS_SLACK`]). Live threads'
+//!   counts are read in place and exited threads flush all.
 //! * An `.init_array` constructor allocates before `main` (at rate 1, so it is sampled):
 //!   the heap profile must show that allocation.
 //! * `std::process::exit` while other threads sample, with an `atexit` handler that
@@ -255,7 +256,7 @@ fn live_threads() -> u64 {
 
 /// Asserts that the profiler's change of one total (`profiler`, from `Stats`) lies
 /// between the inner allocator's unmarked change and its unmarked + marked change,
-/// widened by the staleness `bound`. A lost flush makes it too small; a double count
+/// widened by `bound`. A lost flush makes it too small; a double count
 /// too large.
 fn assert_consistent(what: &str, profiler: u64, before: Truth, after: Truth, bound: u64) {
     let unmarked = after.unmarked - before.unmarked;
@@ -268,7 +269,7 @@ fn assert_consistent(what: &str, profiler: u64, before: Truth, after: Truth, bou
     assert!(
         (low..=high).contains(&profiler),
         "{what}: profiler says {profiler}, the inner allocator saw {unmarked} outside profiler \
-         work and {marked} inside it; expected within [{low}, {high}] (staleness bound {bound})"
+         work and {marked} inside it; expected within [{low}, {high}] (slack {bound})"
     );
 }
 
@@ -286,6 +287,11 @@ fn run_churn(exports: bool) {
         }
     }
 }
+
+/// Bytes (and as many allocations or frees) the harness's other threads may allocate
+/// or free between a `stats()` and the ledger's reading next to it: its main thread
+/// prints a line as each test ends, while the next one starts.
+const HARNESS_SLACK: u64 = 16 * 1024;
 
 /// Runs `work` and checks the profiler's totals against the inner allocator's.
 fn check_totals_around(label: &str, work: impl FnOnce()) {
@@ -305,10 +311,11 @@ fn check_totals_around(label: &str, work: impl FnOnce()) {
     let s1 = allocprof::stats();
     let t1 = counters();
     // Other threads still alive (the harness's main thread, tests waiting for SERIAL)
-    // may each hold up to FLUSH_BYTES unflushed in each direction.
+    // are counted in place, but they may allocate between a `stats()` and the ledger's
+    // reading next to it.
     let others = threads_before.max(live_threads()).saturating_sub(1);
-    let bound = allocprof::Stats::FLUSH_BYTES * others;
-    println!("{label}: other live threads {others}, staleness bound {bound}");
+    let bound = HARNESS_SLACK;
+    println!("{label}: other live threads {others}, slack {bound}");
     let names = ["bytes allocated", "allocations", "bytes freed", "frees"];
     let profiler = [
         s1.allocated_bytes - s0.allocated_bytes,
@@ -478,6 +485,9 @@ fn helper_exit_child() {
 
 #[test]
 fn exit_while_sampling() {
+    // Serial: spawning and waiting for children allocates, and that would land between
+    // the readings of the tests that compare totals.
+    let _serial = serial();
     let exe = std::env::current_exe().expect("current_exe");
     for n in 0..EXIT_CHILDREN {
         let delay = (n * 7 % 40).to_string();

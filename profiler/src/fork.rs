@@ -7,8 +7,8 @@
 //!
 //! * **prepare** (in the forking thread, before the fork): take every profiler lock in
 //!   one fixed order — symbolizer, symbol cache, live-set writer, stack-table shards,
-//!   overflow — so no other thread is inside a critical section at the instant of the
-//!   fork and the table is consistent in the child;
+//!   overflow, thread registry — so no other thread is inside a critical section at the
+//!   instant of the fork and the table is consistent in the child;
 //! * **parent**: release them in reverse order;
 //! * **child**: reset them to unlocked (the child has one thread and no waiters), and
 //!   release the DWARF unwinder's try-locked cache slots, which a vanished thread may
@@ -44,11 +44,13 @@ extern "C" fn prepare() {
         .for_each(|l| l.fork_prepare());
     live::fork_locks().for_each(|l| l.fork_prepare());
     TABLE.fork_prepare();
+    thread::fork_lock().fork_prepare();
 }
 
 extern "C" fn parent() {
     // SAFETY: `prepare` took these locks on this thread.
     unsafe {
+        thread::fork_lock().fork_parent();
         TABLE.fork_parent();
         for l in live::fork_locks().rev() {
             l.fork_parent();
@@ -63,6 +65,7 @@ extern "C" fn parent() {
 extern "C" fn child() {
     crate::unwind::reset_after_fork_in_child();
     crate::thread::reset_after_fork_in_child();
+    thread::fork_lock().fork_child();
     TABLE.fork_child();
     live::fork_locks().for_each(|l| l.fork_child());
     symbolize::fork_locks().iter().for_each(|l| l.fork_child());

@@ -5,16 +5,18 @@ use crate::{config, live, symbolize, table::TABLE};
 
 /// Exact allocation totals and the profiler's own figures, from [`stats`].
 ///
-/// # Staleness
+/// # Freshness
 ///
-/// The totals are exact but published lazily: each thread keeps up to
-/// [`Stats::FLUSH_BYTES`] (256 KiB) of allocation, and as much of freeing, in thread-local
-/// counters before adding them to the process-wide totals, so that the allocator's fast
-/// path needs no atomic read-modify-write. A call to [`stats`] first publishes the calling
-/// thread's own counters, so the figures are behind by at most
-/// `FLUSH_BYTES × (other threads that allocate)` bytes in each direction (and at most as
-/// many allocations or frees, since each is at least one byte). Threads that exit publish
-/// what they hold.
+/// The totals are exact at the moment of the call: each thread counts its allocations
+/// and frees in thread-local counters (so the allocator's fast path needs no atomic
+/// read-modify-write), and [`stats`] reads every thread's counters in place. Two
+/// exceptions, each bounded:
+///
+/// * threads beyond the first 256 running at once publish their counts every
+///   [`Stats::FLUSH_BYTES`] (256 KiB) of allocation, and as much of freeing, so the
+///   totals may lag by that much per such thread;
+/// * a thread inside the profiler's own symbolization at that moment is counted up to
+///   the start of it (its allocations there are added when it ends).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -52,7 +54,8 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Per-thread unflushed bytes at most, in each direction (see the type's docs).
+    /// Unpublished bytes at most, in each direction, of a thread beyond the first 256
+    /// (see the type's docs).
     pub const FLUSH_BYTES: u64 = FLUSH_BYTES as u64;
 
     /// `(name, value)` pairs in a stable order, for text and JSON output.
@@ -80,8 +83,7 @@ impl Stats {
 /// Reads the exact totals and the profiler's own figures. Cheap: a few atomic loads and
 /// one short lock of the symbol cache. See [`Stats`] for how fresh the totals are.
 pub fn stats() -> Stats {
-    crate::thread::flush_current();
-    let (allocated_bytes, allocations, freed_bytes, frees) = crate::thread::published();
+    let (allocated_bytes, allocations, freed_bytes, frees) = crate::thread::totals();
     let (symbols, symbol_bytes) = symbolize::cache_size();
     let live_samples = live::live_count() as u64;
     // The live set's static pages are touched only as samples land in them.

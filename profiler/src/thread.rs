@@ -11,22 +11,35 @@
 //!
 //! # Slow events
 //!
-//! `alloc_left` is armed with `min(distance to the next sample point, FLUSH_BYTES)`. When
-//! it runs out, [`alloc_event`] publishes the bytes and counts consumed since arming (into
-//! the thread's own slot of counters, see [`SLOT_COUNT`]; a plain load and store each),
-//! decides whether the allocation that crossed
-//! zero is sampled, and re-arms. So the exact totals are at most `FLUSH_BYTES` of
-//! allocation (and as much of freeing) behind per running thread; that is the staleness
-//! bound documented on [`crate::Stats`]. A thread that exits flushes what it holds from a
-//! separate thread-local destructor registered on its first slow event.
+//! `alloc_left` is armed with the distance to the next sample point, at most
+//! [`RATE_REACH_BYTES`]. When it runs out, [`alloc_event`] publishes the bytes and counts
+//! consumed since arming (into the thread's own slot of counters, see [`SLOTS`]; a plain
+//! load and store each), decides whether the allocation that crossed zero is sampled, and
+//! re-arms. The free side has no event at all.
+//!
+//! The exact totals do not wait for those events: readers add each registered thread's
+//! unflushed counts, read in place under a sequence lock (see [`Unflushed`] and
+//! [`totals`]). The counters are atomics that only their thread writes, with relaxed
+//! loads and stores, so the fast path is the same plain loads and stores as with `Cell`s.
+//! A thread that exits flushes what it holds from a separate thread-local destructor
+//! registered on its first slow event, and unregisters. Threads beyond the
+//! [`SLOT_COUNT`] that can be registered at once flush every [`FLUSH_BYTES`] instead:
+//! that is the staleness bound documented on [`crate::Stats`].
 
 use crate::config;
+use crate::lock::{ForkLock, Mutex};
 use crate::sampler::{self, Rng};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicIsize, AtomicPtr, AtomicU64, Ordering};
 
-/// Largest amount of allocation (and, separately, of freeing) a thread keeps unflushed.
+/// Largest amount of allocation (and, separately, of freeing) a thread without a slot
+/// keeps unflushed (see [`SLOTS`]).
 pub(crate) const FLUSH_BYTES: isize = 256 * 1024;
+
+/// Most allocation between two allocation-side events of a thread, whatever the distance
+/// to its next sample point: a new sampling rate reaches every thread within this much of
+/// its allocation.
+pub(crate) const RATE_REACH_BYTES: isize = 256 * 1024;
 
 /// Distance meaning "no sample will ever be taken" (rate 0).
 const NEVER: isize = isize::MAX / 4;
@@ -35,19 +48,80 @@ const PHASE_NEW: u8 = 0;
 const PHASE_RUNNING: u8 = 1;
 const PHASE_EXITING: u8 = 2;
 
-pub(crate) struct ThreadState {
+/// A word that only its own thread writes and that other threads may read: a `Cell`'s
+/// interface over a relaxed atomic, which compiles to the same plain load and store.
+macro_rules! owned_word {
+    ($name:ident, $atomic:ty, $t:ty) => {
+        struct $name($atomic);
+
+        impl $name {
+            const fn new(v: $t) -> Self {
+                $name(<$atomic>::new(v))
+            }
+            #[inline(always)]
+            fn get(&self) -> $t {
+                self.0.load(Ordering::Relaxed)
+            }
+            #[inline(always)]
+            fn set(&self, v: $t) {
+                self.0.store(v, Ordering::Relaxed)
+            }
+            #[inline(always)]
+            fn replace(&self, v: $t) -> $t {
+                let old = self.get();
+                self.set(v);
+                old
+            }
+        }
+    };
+}
+owned_word!(Bytes, AtomicIsize, isize);
+owned_word!(Count, AtomicU64, u64);
+
+/// The counters of a thread that [`totals`] reads in place, for threads with a slot (see
+/// [`SLOTS`]): what the thread has allocated and freed since its last flush.
+struct Unflushed {
     /// Bytes of allocation left before the next slow event.
-    alloc_left: Cell<isize>,
+    alloc_left: Bytes,
+    /// Allocations since the last flush.
+    alloc_count: Count,
+    /// Bytes of freeing left before the next free-side event.
+    free_left: Bytes,
+    free_count: Count,
     /// The value `alloc_left` was last armed with (or reset to by a partial flush).
-    alloc_armed: Cell<isize>,
+    alloc_armed: Bytes,
+    free_armed: Bytes,
+    /// Odd while the thread changes these counters other than by counting down (a flush,
+    /// a re-arming, a [`Region`]); a reader that sees it odd, or changed across its reads,
+    /// reads again (a sequence lock).
+    seq: AtomicU64,
+}
+
+impl Unflushed {
+    /// Opens a change that readers must not see half done. Returns `false` (and does
+    /// nothing) if one is already open.
+    fn begin_change(&self) -> bool {
+        let seq = self.seq.load(Ordering::Relaxed);
+        if seq % 2 == 1 {
+            return false;
+        }
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        // Orders the odd value before the changes that follow, for readers (whose Acquire
+        // fence pairs with this).
+        fence(Ordering::Release);
+        true
+    }
+
+    fn end_change(&self) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Release);
+    }
+}
+
+pub(crate) struct ThreadState {
+    c: Unflushed,
     /// Distance from the arming point to the next sample point, in bytes.
     sample_left: Cell<isize>,
-    /// Allocations since the last flush.
-    alloc_count: Cell<u64>,
-    /// Bytes of freeing left before the next free-side flush.
-    free_left: Cell<isize>,
-    free_armed: Cell<isize>,
-    free_count: Cell<u64>,
     /// The rate epoch `sample_left` was drawn under.
     epoch: Cell<u64>,
     rng: Cell<u64>,
@@ -60,13 +134,16 @@ pub(crate) struct ThreadState {
 thread_local! {
     static STATE: ThreadState = const {
         ThreadState {
-            alloc_left: Cell::new(0),
-            alloc_armed: Cell::new(0),
+            c: Unflushed {
+                alloc_left: Bytes::new(0),
+                alloc_count: Count::new(0),
+                free_left: Bytes::new(0),
+                free_count: Count::new(0),
+                alloc_armed: Bytes::new(0),
+                free_armed: Bytes::new(0),
+                seq: AtomicU64::new(0),
+            },
             sample_left: Cell::new(0),
-            alloc_count: Cell::new(0),
-            free_left: Cell::new(0),
-            free_armed: Cell::new(0),
-            free_count: Cell::new(0),
             epoch: Cell::new(u64::MAX),
             rng: Cell::new(0),
             busy: Cell::new(false),
@@ -84,15 +161,25 @@ impl Drop for ExitFlush {
     fn drop(&mut self) {
         STATE.with(|s| {
             s.phase.set(PHASE_EXITING);
-            flush_partial(s);
-            // Hand the slot back (its totals stay in it, see `Slot`); later events of this
+            {
+                // Under the registry lock, so that no reader is still reading this thread's
+                // counters when its thread-local memory goes away.
+                let _registry = REGISTRY.lock();
+                let opened = s.c.begin_change();
+                flush_partial(s);
+                if opened {
+                    s.c.end_change();
+                }
+                unregister(s);
+            }
+            // Hand the slot back (its totals stay in it, see `SLOTS`); later events of this
             // thread publish into the shared totals.
             release_slot(s);
             // From now on every allocation and free of this thread flushes at once.
-            s.alloc_left.set(0);
-            s.alloc_armed.set(0);
-            s.free_left.set(0);
-            s.free_armed.set(0);
+            s.c.alloc_left.set(0);
+            s.c.alloc_armed.set(0);
+            s.c.free_left.set(0);
+            s.c.free_armed.set(0);
         });
     }
 }
@@ -174,9 +261,9 @@ static TOTALS: Totals = Totals::new();
 #[inline(always)]
 pub(crate) fn on_alloc(size: usize) -> bool {
     STATE.with(|s| {
-        let left = s.alloc_left.get().wrapping_sub(size as isize);
-        s.alloc_left.set(left);
-        s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
+        let left = s.c.alloc_left.get().wrapping_sub(size as isize);
+        s.c.alloc_left.set(left);
+        s.c.alloc_count.set(s.c.alloc_count.get().wrapping_add(1));
         left <= 0
     })
 }
@@ -185,9 +272,9 @@ pub(crate) fn on_alloc(size: usize) -> bool {
 #[inline(always)]
 pub(crate) fn on_free(size: usize) -> bool {
     STATE.with(|s| {
-        let left = s.free_left.get().wrapping_sub(size as isize);
-        s.free_left.set(left);
-        s.free_count.set(s.free_count.get().wrapping_add(1));
+        let left = s.c.free_left.get().wrapping_sub(size as isize);
+        s.c.free_left.set(left);
+        s.c.free_count.set(s.c.free_count.get().wrapping_add(1));
         left <= 0
     })
 }
@@ -196,7 +283,7 @@ pub(crate) fn on_free(size: usize) -> bool {
 /// [`on_free`] returned for this thread's last free.
 #[inline]
 pub(crate) fn free_due() -> bool {
-    STATE.with(|s| s.free_left.get() <= 0)
+    STATE.with(|s| s.c.free_left.get() <= 0)
 }
 
 /// Marks or unmarks the thread; returns the previous mark.
@@ -219,7 +306,8 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
         if s.phase.get() == PHASE_NEW {
             start_thread(s);
         }
-        let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
+        let opened = s.c.begin_change();
+        let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
         flush_alloc(s, consumed);
 
         let (rate, epoch) = config::rate_and_epoch();
@@ -249,6 +337,9 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
         };
         s.rng.set(rng.0);
         arm_alloc(s);
+        if opened {
+            s.c.end_change();
+        }
         (sampled && rate > 0 && !s.busy.get()).then_some(rate)
     })
 }
@@ -262,18 +353,30 @@ fn draw(rng: &mut Rng, rate: usize) -> isize {
     }
 }
 
-fn arm_alloc(s: &ThreadState) {
-    let armed = if s.phase.get() == PHASE_EXITING {
+/// How far a countdown may run before the next flush: unbounded for a thread with a slot
+/// (readers add its unflushed counters in place), [`FLUSH_BYTES`] for one without, and
+/// zero (flush at every event) for an exiting thread.
+fn flush_limit(s: &ThreadState) -> isize {
+    if s.phase.get() == PHASE_EXITING {
         0
+    } else if (s.slot.get() as usize) < SLOT_COUNT {
+        NEVER
     } else {
-        s.sample_left.get().clamp(0, FLUSH_BYTES)
-    };
-    s.alloc_armed.set(armed);
-    s.alloc_left.set(armed);
+        FLUSH_BYTES
+    }
+}
+
+fn arm_alloc(s: &ThreadState) {
+    let armed = s
+        .sample_left
+        .get()
+        .clamp(0, flush_limit(s).min(RATE_REACH_BYTES));
+    s.c.alloc_armed.set(armed);
+    s.c.alloc_left.set(armed);
 }
 
 fn flush_alloc(s: &ThreadState, consumed: isize) {
-    let count = s.alloc_count.replace(0);
+    let count = s.c.alloc_count.replace(0);
     publish(s, Dir::Alloc, consumed.max(0) as u64, count);
 }
 
@@ -286,21 +389,21 @@ pub(crate) fn free_event() {
             // exit too.
             start_thread(s);
         }
+        let opened = s.c.begin_change();
         flush_free(s);
-        let armed = if s.phase.get() == PHASE_EXITING {
-            0
-        } else {
-            FLUSH_BYTES
-        };
-        s.free_armed.set(armed);
-        s.free_left.set(armed);
+        let armed = flush_limit(s);
+        s.c.free_armed.set(armed);
+        s.c.free_left.set(armed);
+        if opened {
+            s.c.end_change();
+        }
     })
 }
 
 fn flush_free(s: &ThreadState) {
-    let consumed = s.free_armed.get().wrapping_sub(s.free_left.get());
-    s.free_armed.set(s.free_left.get());
-    let count = s.free_count.replace(0);
+    let consumed = s.c.free_armed.get().wrapping_sub(s.c.free_left.get());
+    s.c.free_armed.set(s.c.free_left.get());
+    let count = s.c.free_count.replace(0);
     publish(s, Dir::Free, consumed.max(0) as u64, count);
 }
 
@@ -334,11 +437,24 @@ const NO_SLOT: u16 = u16::MAX;
 /// benchmark, 70% of the slow event's time was that one `lock add`). So a thread claims a
 /// slot on its first slow event and publishes into it alone. A slot's counters are
 /// cumulative: when its thread exits the slot is marked free ([`OWNED`]) with its totals
-/// left in place, and the next thread to claim it keeps adding to them. Readers sum the
-/// shared totals and every slot.
+/// left in place, and the next thread to claim it keeps adding to them.
+///
+/// A thread with a slot is also registered in [`THREADS`], and readers ([`totals`]) add
+/// what it has not flushed, read from its thread-local counters in place. So such a
+/// thread never needs to flush for the totals' sake (its free countdown never runs out;
+/// its allocation countdown runs to the next sample point, or [`RATE_REACH_BYTES`]), and
+/// the totals are exact at every moment. Only threads without a slot (more than
+/// [`SLOT_COUNT`] at once) flush every [`FLUSH_BYTES`].
 static SLOTS: [Totals; SLOT_COUNT] = [const { Totals::new() }; SLOT_COUNT];
 /// Whether slot `n` has an owner.
 static OWNED: [AtomicBool; SLOT_COUNT] = [const { AtomicBool::new(false) }; SLOT_COUNT];
+/// The counters of slot `n`'s owner, or null. Set by the owner once it has claimed the
+/// slot; cleared under [`REGISTRY`] before the owner's thread-local memory can go away.
+static THREADS: [AtomicPtr<Unflushed>; SLOT_COUNT] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOT_COUNT];
+/// Held by readers while they read other threads' counters through [`THREADS`], and by a
+/// thread that unregisters itself. Never held while taking another lock or allocating.
+static REGISTRY: Mutex<()> = Mutex::new(());
 
 /// Claims a free slot for this thread (starting at one picked from its address), or
 /// leaves it without one if all are taken.
@@ -351,8 +467,17 @@ fn claim_slot(s: &ThreadState) {
             .is_ok()
         {
             s.slot.set(n as u16);
+            // Release: a reader that sees the pointer sees the counters' initial values.
+            THREADS[n].store(std::ptr::addr_of!(s.c).cast_mut(), Ordering::Release);
             return;
         }
+    }
+}
+
+/// Takes this thread's counters out of [`THREADS`]. Under [`REGISTRY`], after a flush.
+fn unregister(s: &ThreadState) {
+    if let Some(p) = THREADS.get(s.slot.get() as usize) {
+        p.store(std::ptr::null_mut(), Ordering::Relaxed);
     }
 }
 
@@ -363,34 +488,93 @@ fn release_slot(s: &ThreadState) {
     }
 }
 
-/// The published totals: `(allocated bytes, allocations, freed bytes, frees)`.
-pub(crate) fn published() -> (u64, u64, u64, u64) {
-    std::iter::once(&TOTALS)
-        .chain(&SLOTS)
-        .fold((0, 0, 0, 0), |t, totals| {
-            let (ab, ac) = totals.alloc.get();
-            let (fb, fc) = totals.free.get();
-            (t.0 + ab, t.1 + ac, t.2 + fb, t.3 + fc)
-        })
+/// Allocated bytes, allocations, freed bytes and frees.
+type Sums = [u64; 4];
+
+fn add(a: Sums, b: Sums) -> Sums {
+    [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
+}
+
+fn published(t: &Totals) -> Sums {
+    let (ab, ac) = t.alloc.get();
+    let (fb, fc) = t.free.get();
+    [ab, ac, fb, fc]
+}
+
+/// Slot `n`'s totals plus, if its owner is registered, what the owner has not flushed,
+/// read consistently with them (the owner moves counts from one to the other when it
+/// flushes). If the owner stays inside a change for all the tries (a long [`Region`], or
+/// a thread preempted in one), the slot's totals alone: a region flushes before it opens
+/// its change, so they are complete up to the region. Under [`REGISTRY`].
+fn slot_sums(n: usize) -> Sums {
+    let p = THREADS[n].load(Ordering::Acquire);
+    // SAFETY: a non-null pointer points to the counters of a thread that has not finished
+    // unregistering itself, which it does under `REGISTRY`, held by our caller; so the
+    // thread-local memory it points to is live. Only atomic fields are read.
+    let Some(c) = (unsafe { p.as_ref() }) else {
+        return published(&SLOTS[n]);
+    };
+    for _ in 0..SEQ_TRIES {
+        let seq = c.seq.load(Ordering::Acquire);
+        if seq % 2 == 0 {
+            let base = published(&SLOTS[n]);
+            let alloc = c.alloc_armed.get().wrapping_sub(c.alloc_left.get());
+            let free = c.free_armed.get().wrapping_sub(c.free_left.get());
+            let unflushed = [
+                alloc.max(0) as u64,
+                c.alloc_count.get(),
+                free.max(0) as u64,
+                c.free_count.get(),
+            ];
+            // Pairs with the owner's Release fence after opening a change: if it changed
+            // anything read above, the second load sees the new sequence number.
+            fence(Ordering::Acquire);
+            if c.seq.load(Ordering::Relaxed) == seq {
+                return add(base, unflushed);
+            }
+        }
+        std::hint::spin_loop();
+    }
+    published(&SLOTS[n])
+}
+
+/// Reads of a thread's counters a reader tries before settling for its slot's totals.
+/// Events and hidden regions take about a microsecond.
+const SEQ_TRIES: usize = 10_000;
+
+/// The exact totals: `(allocated bytes, allocations, freed bytes, frees)`.
+pub(crate) fn totals() -> (u64, u64, u64, u64) {
+    let sums = {
+        let _registry = REGISTRY.lock();
+        (0..SLOT_COUNT).map(slot_sums).fold(published(&TOTALS), add)
+    };
+    (sums[0], sums[1], sums[2], sums[3])
+}
+
+/// The registry's lock, for `fork.rs`.
+pub(crate) fn fork_lock() -> &'static impl ForkLock {
+    &REGISTRY
 }
 
 /// In a child process after `fork`: only the forking thread survives, so every slot but
-/// its own is free. Does not allocate.
+/// its own is free and unregistered (what the vanished threads had not flushed is lost
+/// with them). Does not allocate.
 pub(crate) fn reset_after_fork_in_child() {
     let mine = STATE.try_with(|s| s.slot.get()).unwrap_or(NO_SLOT);
     for (n, owned) in OWNED.iter().enumerate() {
         if n != mine as usize {
+            THREADS[n].store(std::ptr::null_mut(), Ordering::Relaxed);
             owned.store(false, Ordering::Relaxed);
         }
     }
 }
 
-/// Publishes everything this thread holds without taking a slow event's decisions: used by
-/// [`crate::stats`] (so a thread sees its own allocations) and at thread exit.
+/// Publishes everything this thread holds without taking a slow event's decisions: used at
+/// thread exit, at the start of a region and when the rate changes. Inside a change.
 fn flush_partial(s: &ThreadState) {
-    let consumed = s.alloc_armed.get().wrapping_sub(s.alloc_left.get());
+    let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
     if consumed > 0 {
-        s.alloc_armed.set(s.alloc_left.get());
+        s.c.alloc_armed.set(s.c.alloc_left.get());
         s.sample_left
             .set(s.sample_left.get().saturating_sub(consumed));
         flush_alloc(s, consumed);
@@ -400,18 +584,17 @@ fn flush_partial(s: &ThreadState) {
     flush_free(s);
 }
 
-/// Flushes the calling thread's unflushed totals.
-pub(crate) fn flush_current() {
-    STATE.with(flush_partial);
-}
-
 /// Called by `set_sample_rate` so that the calling thread uses the new rate from its very
 /// next allocation: a slow event is forced, which sees the new epoch.
 pub(crate) fn rate_changed_here() {
     STATE.with(|s| {
+        let opened = s.c.begin_change();
         flush_partial(s);
-        s.alloc_armed.set(0);
-        s.alloc_left.set(0);
+        s.c.alloc_armed.set(0);
+        s.c.alloc_left.set(0);
+        if opened {
+            s.c.end_change();
+        }
     });
 }
 
@@ -436,9 +619,10 @@ fn start_thread(s: &ThreadState) {
 }
 
 /// A stretch of this thread's work whose allocations and frees are measured apart from
-/// the program's, without touching the fast path: it saves the four fast-path cells, sets
-/// the countdowns out of reach (so no slow event fires inside), and on drop reads what
-/// the region consumed and restores the cells.
+/// the program's, without touching the fast path: it flushes, saves the four fast-path
+/// counters, sets the countdowns out of reach (so no slow event fires inside), and on
+/// drop reads what the region consumed and restores the counters. Readers of the totals
+/// see the thread as it was when the region began.
 ///
 /// * [`Region::hidden`] leaves the region's allocations out of the exact totals and of
 ///   the sampling countdown: used around the sampled path, whose only allocations are the
@@ -455,18 +639,30 @@ pub(crate) struct Region {
     free_left: isize,
     free_count: u64,
     sink: Option<&'static std::sync::atomic::AtomicI64>,
+    /// Whether this region opened the change readers wait out (not when nested in one).
+    opened: bool,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl Region {
     fn begin(sink: Option<&'static std::sync::atomic::AtomicI64>) -> Self {
-        STATE.with(|s| Region {
-            alloc_left: s.alloc_left.replace(NEVER),
-            alloc_count: s.alloc_count.replace(0),
-            free_left: s.free_left.replace(NEVER),
-            free_count: s.free_count.replace(0),
-            sink,
-            _not_send: std::marker::PhantomData,
+        STATE.with(|s| {
+            // The counters below hold the region's own counts until it ends, so readers
+            // must not add them in: the region is one change. Readers stop waiting for a
+            // change after a while (a counted region may last long, a thread may be
+            // preempted in any region), so the region flushes first: the slot's totals
+            // they then fall back on are complete up to the region.
+            let opened = s.c.begin_change();
+            flush_partial(s);
+            Region {
+                alloc_left: s.c.alloc_left.replace(NEVER),
+                alloc_count: s.c.alloc_count.replace(0),
+                free_left: s.c.free_left.replace(NEVER),
+                free_count: s.c.free_count.replace(0),
+                sink,
+                opened,
+                _not_send: std::marker::PhantomData,
+            }
         })
     }
 
@@ -484,14 +680,17 @@ impl Region {
 impl Drop for Region {
     fn drop(&mut self) {
         STATE.with(|s| {
-            let allocated = NEVER.wrapping_sub(s.alloc_left.replace(self.alloc_left));
-            let allocations = s.alloc_count.replace(self.alloc_count);
-            let freed = NEVER.wrapping_sub(s.free_left.replace(self.free_left));
-            let frees = s.free_count.replace(self.free_count);
+            let allocated = NEVER.wrapping_sub(s.c.alloc_left.replace(self.alloc_left));
+            let allocations = s.c.alloc_count.replace(self.alloc_count);
+            let freed = NEVER.wrapping_sub(s.c.free_left.replace(self.free_left));
+            let frees = s.c.free_count.replace(self.free_count);
             if let Some(sink) = self.sink {
                 TOTALS.alloc.add_shared(allocated as u64, allocations);
                 TOTALS.free.add_shared(freed as u64, frees);
                 sink.fetch_add(allocated as i64 - freed as i64, Ordering::Relaxed);
+            }
+            if self.opened {
+                s.c.end_change();
             }
         });
     }
