@@ -15,7 +15,7 @@
 //! [`RATE_REACH_BYTES`]. When it runs out, [`alloc_event`] publishes the bytes and counts
 //! consumed since arming (into the thread's own slot of counters, see [`SLOTS`]; a plain
 //! load and store each), decides whether the allocation that crossed zero is sampled, and
-//! re-arms. The free side has no event at all.
+//! re-arms. For a thread with a slot, the free side has no event at all.
 //!
 //! The exact totals do not wait for those events: readers add each registered thread's
 //! unflushed counts, read in place under a sequence lock (see [`Unflushed`] and
