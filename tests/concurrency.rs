@@ -165,7 +165,7 @@ fn totals_include_a_running_threads_latest_work() {
     let s0 = allocprof::stats();
     to_worker.send(()).unwrap();
     from_worker.recv().unwrap();
-    // The worker now waits, holding its blocks; nothing has made it flush.
+    // The worker now waits, holding its blocks, some or all of them not flushed.
     let s1 = allocprof::stats();
     to_worker.send(()).unwrap();
     from_worker.recv().unwrap();

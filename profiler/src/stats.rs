@@ -16,7 +16,9 @@ use crate::{config, live, symbolize, table::TABLE};
 ///   [`Stats::FLUSH_BYTES`] (256 KiB) of allocation, and as much of freeing, so the
 ///   totals may lag by that much per such thread;
 /// * a thread inside the profiler's own symbolization at that moment is counted up to
-///   the start of it (its allocations there are added when it ends).
+///   the start of it (its allocations there are added when it ends); so is, rarely, a
+///   thread that the scheduler stopped for longer than a reading waits (about a
+///   millisecond) in the middle of one of the profiler's own brief updates.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -80,8 +82,9 @@ impl Stats {
     }
 }
 
-/// Reads the exact totals and the profiler's own figures. Cheap: a few atomic loads and
-/// one short lock of the symbol cache. See [`Stats`] for how fresh the totals are.
+/// Reads the exact totals and the profiler's own figures. Cheap: a few atomic loads per
+/// thread under a lock that only readers and exiting threads take, and one short lock of
+/// the symbol cache. See [`Stats`] for how fresh the totals are.
 pub fn stats() -> Stats {
     let (allocated_bytes, allocations, freed_bytes, frees) = crate::thread::totals();
     let (symbols, symbol_bytes) = symbolize::cache_size();

@@ -309,6 +309,10 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
         let opened = s.c.begin_change();
         let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
         flush_alloc(s, consumed);
+        // The free side too, though its countdown did not run out: a reader that stops
+        // waiting for this change falls back on the slot's totals, which are then
+        // complete up to this event (the same line is being written anyway).
+        flush_free(s);
 
         let (rate, epoch) = config::rate_and_epoch();
         let mut rng = Rng(s.rng.get());
@@ -504,8 +508,9 @@ fn published(t: &Totals) -> Sums {
 /// Slot `n`'s totals plus, if its owner is registered, what the owner has not flushed,
 /// read consistently with them (the owner moves counts from one to the other when it
 /// flushes). If the owner stays inside a change for all the tries (a long [`Region`], or
-/// a thread preempted in one), the slot's totals alone: a region flushes before it opens
-/// its change, so they are complete up to the region. Under [`REGISTRY`].
+/// a thread preempted in a change), the slot's totals alone: every change flushes both
+/// sides first, so they are complete up to it, unless the thread was preempted in the
+/// middle of that flush's few stores. Under [`REGISTRY`].
 fn slot_sums(n: usize) -> Sums {
     let p = THREADS[n].load(Ordering::Acquire);
     // SAFETY: a non-null pointer points to the counters of a thread that has not finished
@@ -693,5 +698,85 @@ impl Drop for Region {
                 s.c.end_change();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI64;
+    use std::sync::mpsc;
+
+    /// `n` allocations of `size` bytes on this thread's fast path, with the slow event
+    /// where the allocator takes it. (This test binary's global allocator is not the
+    /// profiler, so nothing else moves this thread's counters.)
+    fn allocate(n: usize, size: usize) {
+        for _ in 0..n {
+            if on_alloc(size) {
+                let _ = alloc_event(size);
+            }
+        }
+    }
+
+    fn free(n: usize, size: usize) {
+        for _ in 0..n {
+            if on_free(size) {
+                free_event();
+            }
+        }
+    }
+
+    fn minus(a: (u64, u64, u64, u64), b: (u64, u64, u64, u64)) -> (u64, u64, u64, u64) {
+        (a.0 - b.0, a.1 - b.1, a.2 - b.2, a.3 - b.3)
+    }
+
+    #[test]
+    fn readers_count_a_running_thread_in_place_and_wait_out_its_regions() {
+        static SINK: AtomicI64 = AtomicI64::new(0);
+        let (to_main, from_worker) = mpsc::channel::<()>();
+        let (to_worker, from_main) = mpsc::channel::<()>();
+        let step = |to: &mpsc::Sender<()>, from: &mpsc::Receiver<()>| {
+            to.send(()).unwrap();
+            from.recv().unwrap();
+        };
+        let worker = std::thread::spawn(move || {
+            // The thread's first event registers it.
+            allocate(1, 8);
+            step(&to_main, &from_main);
+            allocate(10, 1000);
+            free(4, 1000);
+            step(&to_main, &from_main);
+            let region = Region::counted(&SINK);
+            allocate(5, 1000);
+            free(1, 1000);
+            // Readers now find this thread inside a change for as long as it waits.
+            step(&to_main, &from_main);
+            drop(region);
+            step(&to_main, &from_main);
+        });
+        let next = || {
+            from_worker.recv().unwrap();
+            totals()
+        };
+        let t0 = next();
+        to_worker.send(()).unwrap();
+        let t1 = next();
+        assert_eq!(minus(t1, t0), (10_000, 10, 4_000, 4), "counted in place");
+        to_worker.send(()).unwrap();
+        let t2 = next();
+        assert_eq!(
+            t2, t1,
+            "inside the region: the slot's totals, complete up to it"
+        );
+        to_worker.send(()).unwrap();
+        let t3 = next();
+        assert_eq!(
+            minus(t3, t2),
+            (5_000, 5, 1_000, 1),
+            "the region, counted at its end"
+        );
+        to_worker.send(()).unwrap();
+        worker.join().unwrap();
+        assert_eq!(totals(), t3, "nothing lost when the thread exits");
     }
 }
