@@ -656,9 +656,13 @@ impl Region {
             // must not add them in: the region is one change. Readers stop waiting for a
             // change after a while (a counted region may last long, a thread may be
             // preempted in any region), so the region flushes first: the slot's totals
-            // they then fall back on are complete up to the region.
+            // they then fall back on are complete up to the region. A region nested in
+            // another finds the outer one's counts in the counters and must not flush
+            // them: it only saves and restores them.
             let opened = s.c.begin_change();
-            flush_partial(s);
+            if opened {
+                flush_partial(s);
+            }
             Region {
                 alloc_left: s.c.alloc_left.replace(NEVER),
                 alloc_count: s.c.alloc_count.replace(0),
@@ -778,5 +782,29 @@ mod tests {
         to_worker.send(()).unwrap();
         worker.join().unwrap();
         assert_eq!(totals(), t3, "nothing lost when the thread exits");
+    }
+
+    #[test]
+    fn a_region_nested_in_another_leaves_the_outer_one_alone() {
+        static SINK: AtomicI64 = AtomicI64::new(0);
+        std::thread::spawn(|| {
+            allocate(1, 8);
+            let before = totals();
+            let outer = Region::hidden();
+            allocate(3, 100);
+            let inner = Region::counted(&SINK);
+            allocate(2, 100);
+            free(1, 100);
+            drop(inner);
+            allocate(4, 100);
+            drop(outer);
+            assert_eq!(
+                minus(totals(), before),
+                (200, 2, 100, 1),
+                "only the counted inner region's work"
+            );
+        })
+        .join()
+        .unwrap();
     }
 }
