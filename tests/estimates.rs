@@ -243,8 +243,8 @@ fn rate_one_is_exact_and_rate_zero_samples_nothing() {
 
 #[test]
 fn exact_totals_count_every_byte() {
-    // Exact to the byte only where no other thread allocates or exits meanwhile (a test
-    // thread that exits flushes its counts): run the check alone in a child process.
+    // Exact to the byte only where no other thread allocates meanwhile (other tests'
+    // threads are counted at once): run the check alone in a child process.
     if std::env::var_os("ALLOCPROF_EXACT_CHILD").is_none() {
         let out = common::runner::target_command(std::env::current_exe().unwrap())
             .args([

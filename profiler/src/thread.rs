@@ -116,6 +116,16 @@ impl Unflushed {
         let seq = self.seq.load(Ordering::Relaxed);
         self.seq.store(seq + 1, Ordering::Release);
     }
+
+    /// Runs `f` as one change (or inside the one already open).
+    fn change<R>(&self, f: impl FnOnce() -> R) -> R {
+        let opened = self.begin_change();
+        let r = f();
+        if opened {
+            self.end_change();
+        }
+        r
+    }
 }
 
 pub(crate) struct ThreadState {
@@ -165,11 +175,7 @@ impl Drop for ExitFlush {
                 // Under the registry lock, so that no reader is still reading this thread's
                 // counters when its thread-local memory goes away.
                 let _registry = REGISTRY.lock();
-                let opened = s.c.begin_change();
-                flush_partial(s);
-                if opened {
-                    s.c.end_change();
-                }
+                s.c.change(|| flush_partial(s));
                 unregister(s);
             }
             // Hand the slot back (its totals stay in it, see `SLOTS`); later events of this
@@ -306,46 +312,47 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
         if s.phase.get() == PHASE_NEW {
             start_thread(s);
         }
-        let opened = s.c.begin_change();
-        let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
-        flush_alloc(s, consumed);
-        // The free side too, though its countdown did not run out: a reader that stops
-        // waiting for this change falls back on the slot's totals, which are then
-        // complete up to this event (the same line is being written anyway).
-        flush_free(s);
-
-        let (rate, epoch) = config::rate_and_epoch();
-        let mut rng = Rng(s.rng.get());
-        let sampled = if s.epoch.get() != epoch {
-            // New thread or new rate: draw afresh. The exponential is memoryless, so a
-            // fresh draw measured from this allocation's first byte is the same process.
-            s.epoch.set(epoch);
-            let d = draw(&mut rng, rate);
-            let sampled = d <= size as isize;
-            s.sample_left.set(if sampled {
-                draw(&mut rng, rate)
-            } else {
-                d - size as isize
-            });
-            sampled
-        } else {
-            // The sample point was not reached before this allocation (else an earlier
-            // allocation would have triggered the event), so it lies in this one iff the
-            // bytes consumed since arming reach it.
-            let left = s.sample_left.get().saturating_sub(consumed);
-            let sampled = left <= 0;
-            // Each sample starts a fresh draw; the overshoot is not carried (as Go).
-            s.sample_left
-                .set(if sampled { draw(&mut rng, rate) } else { left });
-            sampled
-        };
-        s.rng.set(rng.0);
-        arm_alloc(s);
-        if opened {
-            s.c.end_change();
-        }
-        (sampled && rate > 0 && !s.busy.get()).then_some(rate)
+        s.c.change(|| alloc_event_change(s, size))
     })
+}
+
+/// The part of [`alloc_event`] that readers must not see half done.
+fn alloc_event_change(s: &ThreadState, size: usize) -> Option<usize> {
+    let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
+    flush_alloc(s, consumed);
+    // The free side too, though its countdown did not run out: a reader that stops
+    // waiting for this change falls back on the slot's totals, which are then
+    // complete up to this event (the same line is being written anyway).
+    flush_free(s);
+
+    let (rate, epoch) = config::rate_and_epoch();
+    let mut rng = Rng(s.rng.get());
+    let sampled = if s.epoch.get() != epoch {
+        // New thread or new rate: draw afresh. The exponential is memoryless, so a
+        // fresh draw measured from this allocation's first byte is the same process.
+        s.epoch.set(epoch);
+        let d = draw(&mut rng, rate);
+        let sampled = d <= size as isize;
+        s.sample_left.set(if sampled {
+            draw(&mut rng, rate)
+        } else {
+            d - size as isize
+        });
+        sampled
+    } else {
+        // The sample point was not reached before this allocation (else an earlier
+        // allocation would have triggered the event), so it lies in this one iff the
+        // bytes consumed since arming reach it.
+        let left = s.sample_left.get().saturating_sub(consumed);
+        let sampled = left <= 0;
+        // Each sample starts a fresh draw; the overshoot is not carried (as Go).
+        s.sample_left
+            .set(if sampled { draw(&mut rng, rate) } else { left });
+        sampled
+    };
+    s.rng.set(rng.0);
+    arm_alloc(s);
+    (sampled && rate > 0 && !s.busy.get()).then_some(rate)
 }
 
 /// Draws the distance to the next sample point for `rate`, in whole bytes.
@@ -393,14 +400,12 @@ pub(crate) fn free_event() {
             // exit too.
             start_thread(s);
         }
-        let opened = s.c.begin_change();
-        flush_free(s);
-        let armed = flush_limit(s);
-        s.c.free_armed.set(armed);
-        s.c.free_left.set(armed);
-        if opened {
-            s.c.end_change();
-        }
+        s.c.change(|| {
+            flush_free(s);
+            let armed = flush_limit(s);
+            s.c.free_armed.set(armed);
+            s.c.free_left.set(armed);
+        })
     })
 }
 
@@ -593,13 +598,11 @@ fn flush_partial(s: &ThreadState) {
 /// next allocation: a slow event is forced, which sees the new epoch.
 pub(crate) fn rate_changed_here() {
     STATE.with(|s| {
-        let opened = s.c.begin_change();
-        flush_partial(s);
-        s.c.alloc_armed.set(0);
-        s.c.alloc_left.set(0);
-        if opened {
-            s.c.end_change();
-        }
+        s.c.change(|| {
+            flush_partial(s);
+            s.c.alloc_armed.set(0);
+            s.c.alloc_left.set(0);
+        })
     });
 }
 
