@@ -733,12 +733,20 @@ mod tests {
         }
     }
 
+    /// The tests below compare the process-wide totals before and after one thread's
+    /// work, so they must not run at the same time as each other.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn minus(a: (u64, u64, u64, u64), b: (u64, u64, u64, u64)) -> (u64, u64, u64, u64) {
         (a.0 - b.0, a.1 - b.1, a.2 - b.2, a.3 - b.3)
     }
 
     #[test]
     fn readers_count_a_running_thread_in_place_and_wait_out_its_regions() {
+        let _serial = serial();
         static SINK: AtomicI64 = AtomicI64::new(0);
         let (to_main, from_worker) = mpsc::channel::<()>();
         let (to_worker, from_main) = mpsc::channel::<()>();
@@ -789,6 +797,7 @@ mod tests {
 
     #[test]
     fn a_region_nested_in_another_leaves_the_outer_one_alone() {
+        let _serial = serial();
         static SINK: AtomicI64 = AtomicI64::new(0);
         std::thread::spawn(|| {
             allocate(1, 8);
