@@ -139,7 +139,7 @@ fn store_rate(rate: usize) {
 /// `0` turns sampling off (exact totals are still kept); `1` samples every allocation.
 /// The default is 512 KiB, as Go's `runtime.MemProfileRate`. The calling thread uses the
 /// new rate from its next allocation on; every other thread from its next slow-path event,
-/// which comes after at most 256 KiB of further allocation on that thread.
+/// which comes after at most 2 MiB of further allocation on that thread.
 ///
 /// Samples already taken keep the weight of the rate they were taken at, so estimates stay
 /// unbiased across a change.
