@@ -15,22 +15,35 @@ pub const DEFAULT_SAMPLE_RATE: usize = 512 * 1024;
 /// Default cap on the number of distinct stacks the table keeps.
 pub const DEFAULT_MAX_STACKS: usize = 32 * 1024;
 
-static RATE: AtomicUsize = AtomicUsize::new(DEFAULT_SAMPLE_RATE);
-/// Bumped on every rate change; threads compare it at their next slow event and redraw.
-static RATE_EPOCH: AtomicU64 = AtomicU64::new(0);
+/// What every slow-path event reads, on one cache line. Events come hundreds of
+/// kilobytes of allocation apart, by then a program churning its heap has evicted the
+/// line, and spread over two lines the three cost two misses an event.
+#[repr(C, align(64))]
+struct Hot {
+    rate: AtomicUsize,
+    /// Bumped on every rate change; threads compare it at their next slow event and
+    /// redraw.
+    rate_epoch: AtomicU64,
+    env_state: AtomicU8,
+}
+
+static HOT: Hot = Hot {
+    rate: AtomicUsize::new(DEFAULT_SAMPLE_RATE),
+    rate_epoch: AtomicU64::new(0),
+    env_state: AtomicU8::new(ENV_UNREAD),
+};
 static MAX_STACKS: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_STACKS);
 
 const ENV_UNREAD: u8 = 0;
 const ENV_READING: u8 = 1;
 const ENV_DONE: u8 = 2;
-static ENV_STATE: AtomicU8 = AtomicU8::new(ENV_UNREAD);
 
 /// Reads the `ALLOCPROF_*` start-up settings once. Cheap after the first call.
 ///
 /// Must not allocate (it runs on the allocator's slow path).
 #[inline]
 pub(crate) fn ensure_env() {
-    if ENV_STATE.load(Ordering::Acquire) == ENV_DONE {
+    if HOT.env_state.load(Ordering::Acquire) == ENV_DONE {
         return;
     }
     read_env_once();
@@ -38,7 +51,8 @@ pub(crate) fn ensure_env() {
 
 #[cold]
 fn read_env_once() {
-    if ENV_STATE
+    if HOT
+        .env_state
         .compare_exchange(ENV_UNREAD, ENV_READING, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
@@ -67,7 +81,7 @@ fn read_env_once() {
         }
     }
     crate::fork::register();
-    ENV_STATE.store(ENV_DONE, Ordering::Release);
+    HOT.env_state.store(ENV_DONE, Ordering::Release);
 }
 
 enum EnvValue {
@@ -130,8 +144,8 @@ pub(crate) fn stderr(msg: &[u8]) {
 }
 
 fn store_rate(rate: usize) {
-    RATE.store(rate, Ordering::Relaxed);
-    RATE_EPOCH.fetch_add(1, Ordering::Release);
+    HOT.rate.store(rate, Ordering::Relaxed);
+    HOT.rate_epoch.fetch_add(1, Ordering::Release);
 }
 
 /// Sets the sampling rate in bytes: on average one sample per `bytes` allocated.
@@ -152,14 +166,14 @@ pub fn set_sample_rate(bytes: usize) {
 /// The current sampling rate in bytes (see [`set_sample_rate`]).
 pub fn sample_rate() -> usize {
     ensure_env();
-    RATE.load(Ordering::Relaxed)
+    HOT.rate.load(Ordering::Relaxed)
 }
 
 /// The rate and its epoch, read together on the slow path.
 #[inline]
 pub(crate) fn rate_and_epoch() -> (usize, u64) {
-    let epoch = RATE_EPOCH.load(Ordering::Acquire);
-    (RATE.load(Ordering::Relaxed), epoch)
+    let epoch = HOT.rate_epoch.load(Ordering::Acquire);
+    (HOT.rate.load(Ordering::Relaxed), epoch)
 }
 
 /// The cap on distinct stacks (`ALLOCPROF_MAX_STACKS`, default [`DEFAULT_MAX_STACKS`]).
