@@ -99,8 +99,18 @@ fn splitmix(mut z: u64) -> u64 {
 #[inline]
 pub(crate) fn next_sample_distance(rng: &mut Rng, rate: usize) -> u64 {
     let d = -ln(rng.next_unit()) * rate as f64;
-    // Saturating float-to-int conversion; d >= 0 since next_unit() <= 1.
-    d.ceil() as u64
+    ceil_to_u64(d)
+}
+
+/// `ceil(d)` for `d >= 0`, saturating at `u64::MAX`. `f64::ceil` is a call into libm
+/// on x86_64's baseline (no SSE4.1 `roundsd`); this is a conversion, a comparison and
+/// an add.
+#[inline]
+fn ceil_to_u64(d: f64) -> u64 {
+    // Saturating float-to-int conversion truncates toward zero, which for d >= 0 is the
+    // floor; add one when that lost a fraction.
+    let t = d as u64;
+    t + u64::from((t as f64) < d && t < u64::MAX)
 }
 
 /// The weight of a sample of `size` bytes taken at `rate`: how many allocations it
@@ -293,6 +303,24 @@ mod tests {
         // Small objects stand for about rate/size allocations.
         let w = sample_weight(64, r);
         assert!((w - r as f64 / 64.0).abs() / w < 1e-3);
+    }
+
+    #[test]
+    fn ceil_to_u64_rounds_up() {
+        for d in [
+            0.0,
+            0.25,
+            1.0,
+            1.5,
+            2.0 - f64::EPSILON,
+            4096.0,
+            1e15 + 0.5,
+            3.5e9,
+        ] {
+            assert_eq!(ceil_to_u64(d), d.ceil() as u64, "{d}");
+        }
+        assert_eq!(ceil_to_u64(1e30), u64::MAX);
+        assert_eq!(ceil_to_u64(f64::INFINITY), u64::MAX);
     }
 
     #[test]
