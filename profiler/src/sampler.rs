@@ -98,7 +98,7 @@ fn splitmix(mut z: u64) -> u64 {
 /// Must not allocate (called on the slow path of the allocator).
 #[inline]
 pub(crate) fn next_sample_distance(rng: &mut Rng, rate: usize) -> u64 {
-    let d = -ln(rng.next_unit()) * rate as f64;
+    let d = -rng.next_unit().ln() * rate as f64;
     ceil_to_u64(d)
 }
 
@@ -126,7 +126,7 @@ pub fn sample_weight(size: usize, rate: usize) -> f64 {
         // event); count it once rather than divide by zero.
         return 1.0;
     }
-    let p = one_minus_exp_neg(size as f64 / rate as f64);
+    let p = -(-(size as f64) / rate as f64).exp_m1();
     if p > 0.0 {
         1.0 / p
     } else {
@@ -134,163 +134,9 @@ pub fn sample_weight(size: usize, rate: usize) -> f64 {
     }
 }
 
-// The two functions below replace libm's `log` and `expm1` on the sampled path. Those
-// read tables and are called through the PLT; one sample apart, in a program that churns
-// its heap, their lines have left the cache. These are short polynomials whose
-// coefficients sit in this binary's read-only data, inlined into their callers: in the
-// churn benchmark cachegrind counts about 40 first-level data misses a sample against 42
-// with libm, for the same instructions. They are accurate to a few units in the last
-// place (the tests compare them with libm), far beyond what the sampling needs: the
-// weight is kept as an `f32`.
-
-/// `ln 2` split in two, `LN2_HI` with its low 21 bits zero so that `k * LN2_HI` is exact
-/// for the `k` used here, and `LN2_LO` the rest (the split of fdlibm and its descendants).
-const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
-const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
-
-/// `1 / (2j + 3)`: the series of `ln m` below, after its first term.
-const LN_SERIES: [f64; 9] = {
-    let mut c = [0.0; 9];
-    let mut j = 0;
-    while j < 9 {
-        c[j] = 1.0 / (2 * j + 3) as f64;
-        j += 1;
-    }
-    c
-};
-
-/// `(-1)^n / (n + 1)!`: `(1 - exp(-x)) / x = sum of c[n] x^n`.
-const ONE_MINUS_EXP_SERIES: [f64; 15] = factorial_series(1);
-
-/// `(-1)^n / n!`: `exp(-r) = sum of c[n] r^n`.
-const EXP_NEG_SERIES: [f64; 15] = factorial_series(0);
-
-/// `(-1)^n / (n + shift)!` for `n` in `0..15`.
-const fn factorial_series(shift: usize) -> [f64; 15] {
-    let mut c = [0.0; 15];
-    let mut f = 1.0;
-    let mut k = 1;
-    while k <= shift {
-        f *= k as f64;
-        k += 1;
-    }
-    let mut n = 0;
-    while n < 15 {
-        c[n] = if n % 2 == 0 { 1.0 / f } else { -1.0 / f };
-        n += 1;
-        f *= (n + shift) as f64;
-    }
-    c
-}
-
-/// `sum of c[n] x^n`, by Horner's rule.
-#[inline(always)]
-fn horner(c: &[f64], x: f64) -> f64 {
-    c.iter().rev().fold(0.0, |acc, &k| acc * x + k)
-}
-
-/// Natural logarithm of a positive, finite, normal `x`.
-///
-/// `x = m * 2^e` with `m` in `[sqrt(1/2), sqrt(2))`; then `ln x = e ln 2 + ln m`, and with
-/// `s = (m - 1) / (m + 1)` (so `|s| < 0.172`), `ln m = 2 (s + s^3/3 + s^5/5 + ...)`,
-/// where ten terms leave a relative error under 1e-16.
-#[inline]
-fn ln(x: f64) -> f64 {
-    let bits = x.to_bits();
-    let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023;
-    let mut m = f64::from_bits((bits & ((1 << 52) - 1)) | (1023 << 52));
-    if m > std::f64::consts::SQRT_2 {
-        m *= 0.5;
-        e += 1;
-    }
-    let s = (m - 1.0) / (m + 1.0);
-    let z = s * s;
-    let ln_m = 2.0 * s + 2.0 * s * z * horner(&LN_SERIES, z);
-    let ef = e as f64;
-    ef * LN2_HI + (ln_m + ef * LN2_LO)
-}
-
-/// `1 - exp(-x)` for `x >= 0`, without cancellation for small `x`.
-///
-/// Below 1/2 by its Taylor series, `x - x^2/2! + x^3/3! - ...` (15 terms leave under
-/// 1e-17); above, as `1 - 2^-k exp(-r)` with `x = k ln 2 + r`, `|r| <= ln 2 / 2`, and
-/// `exp(-r)` by 15 terms of its series. From 40 on the result rounds to 1.
-#[inline]
-fn one_minus_exp_neg(x: f64) -> f64 {
-    if x < 0.5 {
-        return x * horner(&ONE_MINUS_EXP_SERIES, x);
-    }
-    if x >= 40.0 {
-        return 1.0;
-    }
-    // Round to nearest (x > 0, so truncating x + 1/2 is the floor); k is in 1..=58.
-    let k = (x * std::f64::consts::LOG2_E + 0.5) as i64;
-    let kf = k as f64;
-    let r = (x - kf * LN2_HI) - kf * LN2_LO;
-    // 2^-k, a normal f64 built from its exponent bits.
-    let scale = f64::from_bits(((1023 - k) as u64) << 52);
-    1.0 - horner(&EXP_NEG_SERIES, r) * scale
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Relative difference, or absolute next to zero.
-    fn err(a: f64, b: f64) -> f64 {
-        (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
-    }
-
-    #[test]
-    fn ln_agrees_with_libm() {
-        let mut worst = 0.0f64;
-        let mut check = |x: f64| {
-            let (a, b) = (ln(x), x.ln());
-            // ln is close to zero only near 1, where the error is relative to ln itself.
-            worst = worst.max(if b == 0.0 { a.abs() } else { err(a, b) });
-        };
-        for x in [
-            1.0,
-            0.5,
-            2.0,
-            f64::MIN_POSITIVE,
-            1.0 / (1u64 << 53) as f64,
-            1.0 - f64::EPSILON / 2.0,
-        ] {
-            check(x);
-        }
-        let mut rng = Rng(seed(7));
-        for _ in 0..200_000 {
-            check(rng.next_unit());
-            // Spread over many binades too.
-            check(rng.next_unit() * (2.0f64).powi((rng.next_u64() % 200) as i32 - 100));
-        }
-        assert_eq!(ln(1.0), 0.0);
-        assert!(worst < 4.0 * f64::EPSILON, "worst relative error {worst:e}");
-    }
-
-    #[test]
-    fn one_minus_exp_neg_agrees_with_libm() {
-        let mut worst = 0.0f64;
-        let mut x = 1e-12;
-        while x < 100.0 {
-            let (a, b) = (one_minus_exp_neg(x), -(-x).exp_m1());
-            worst = worst.max(err(a, b));
-            x *= 1.0001;
-        }
-        for x in [
-            0.0,
-            0.5,
-            0.5 - f64::EPSILON / 4.0,
-            40.0,
-            1e300,
-            f64::INFINITY,
-        ] {
-            let (a, b) = (one_minus_exp_neg(x), -(-x).exp_m1());
-            worst = worst.max(if b == 0.0 { a.abs() } else { err(a, b) });
-        }
-        assert!(worst < 4.0 * f64::EPSILON, "worst relative error {worst:e}");
-    }
 
     #[test]
     fn weight_matches_the_formula() {
