@@ -43,8 +43,8 @@ pub(crate) const FLUSH_BYTES: isize = 256 * 1024;
 /// Four times the default rate, so that at that rate almost every event is a sample
 /// (the distance to the next sample point exceeds it with probability e^-4, under 2%).
 /// With 256 KiB here, the churn benchmark's threads had 2.3 events per sample, and the
-/// extra events, each a cache miss or two on lines the program had since evicted, cost
-/// about 0.5% of its CPU time.
+/// extra events, each a few cache misses on lines the program had since evicted, cost
+/// 0.6–0.8% of its CPU time (`benches/runs/2026-12-01-fewer-events.txt`).
 pub(crate) const RATE_REACH_BYTES: isize = 2 * 1024 * 1024;
 
 /// Distance meaning "no sample will ever be taken" (rate 0).
