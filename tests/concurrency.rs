@@ -1,6 +1,8 @@
 //! Many threads allocating and freeing while profiles are exported: no deadlock, and the
 //! exact totals stay consistent.
 
+mod common;
+
 use std::alloc::System;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -146,31 +148,24 @@ fn threads_allocate_while_profiles_are_exported() {
 fn totals_include_a_running_threads_latest_work() {
     const BLOCKS: usize = 100;
     const BLOCK: usize = 1000;
-    let (to_main, from_worker) = mpsc::channel::<()>();
-    let (to_worker, from_main) = mpsc::channel::<()>();
-    let worker = std::thread::spawn(move || {
-        // The first allocation of a thread takes its first slow event (it registers).
-        black_box(vec![0u8; 16]);
-        to_main.send(()).unwrap();
-        from_main.recv().unwrap();
+    let (main, worker) = common::spawn_started_worker(|w| {
         let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![i as u8; BLOCK]).collect();
-        to_main.send(()).unwrap();
-        from_main.recv().unwrap();
+        w.signal();
+        w.wait();
         drop(black_box(blocks));
-        to_main.send(()).unwrap();
-        from_main.recv().unwrap();
+        w.signal();
+        w.wait();
     });
     let bytes = (BLOCKS * BLOCK) as u64;
-    from_worker.recv().unwrap();
     let s0 = allocprof::stats();
-    to_worker.send(()).unwrap();
-    from_worker.recv().unwrap();
+    main.signal();
+    main.wait();
     // The worker now waits, holding its blocks, some or all of them not flushed.
     let s1 = allocprof::stats();
-    to_worker.send(()).unwrap();
-    from_worker.recv().unwrap();
+    main.signal();
+    main.wait();
     let s2 = allocprof::stats();
-    to_worker.send(()).unwrap();
+    main.signal();
     worker.join().unwrap();
     // Other tests' threads may allocate and free meanwhile: only lower bounds hold.
     assert!(

@@ -4,9 +4,10 @@
 //!
 //! One test in its own process: it changes the process-wide rate.
 
+mod common;
+
 use std::alloc::System;
 use std::hint::black_box;
-use std::sync::mpsc;
 
 #[global_allocator]
 static ALLOC: allocprof::Profiler<System> = allocprof::Profiler::new(System);
@@ -18,25 +19,19 @@ const BLOCK: usize = 1024;
 fn a_new_rate_reaches_a_running_thread_within_2_mib() {
     // Under this rate the worker's next sample point is about a terabyte away.
     allocprof::set_sample_rate(1 << 40);
-    let (to_main, from_worker) = mpsc::channel::<()>();
-    let (to_worker, from_main) = mpsc::channel::<()>();
-    let worker = std::thread::spawn(move || {
-        // The first allocation of a thread takes its first slow event, under the old rate.
-        black_box(vec![0u8; 16]);
-        to_main.send(()).unwrap();
-        from_main.recv().unwrap();
+    // The worker's first slow event is under the old rate.
+    let (main, worker) = common::spawn_started_worker(|w| {
         // 2 MiB, then 200 blocks more: all of those come after the bound.
         for i in 0..REACH / BLOCK + 200 {
             black_box(vec![i as u8; BLOCK]);
         }
-        to_main.send(()).unwrap();
+        w.signal();
     });
-    from_worker.recv().unwrap();
     // Every allocation from here on is sampled, on every thread that has taken it up.
     allocprof::set_sample_rate(1);
     let before = allocprof::stats().samples;
-    to_worker.send(()).unwrap();
-    from_worker.recv().unwrap();
+    main.signal();
+    main.wait();
     let after = allocprof::stats().samples;
     allocprof::set_sample_rate(allocprof::DEFAULT_SAMPLE_RATE);
     worker.join().unwrap();

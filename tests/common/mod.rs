@@ -158,6 +158,51 @@ pub fn example_path(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// One side of a two-thread handshake over a pair of channels.
+pub struct Lockstep {
+    tx: std::sync::mpsc::Sender<()>,
+    rx: std::sync::mpsc::Receiver<()>,
+}
+
+impl Lockstep {
+    /// Tells the other side that this one has reached a point.
+    pub fn signal(&self) {
+        self.tx.send(()).unwrap();
+    }
+
+    /// Waits for the other side's next signal.
+    pub fn wait(&self) {
+        self.rx.recv().unwrap();
+    }
+}
+
+/// Spawns a worker thread that makes its first allocation (a thread's first slow event,
+/// where it registers with the profiler), then waits for the caller's signal and runs
+/// `f`. Returns once that first allocation is made: the caller's side of the handshake
+/// and the worker's handle.
+pub fn spawn_started_worker(
+    f: impl FnOnce(&Lockstep) + Send + 'static,
+) -> (Lockstep, std::thread::JoinHandle<()>) {
+    let (to_main, from_worker) = std::sync::mpsc::channel();
+    let (to_worker, from_main) = std::sync::mpsc::channel();
+    let main = Lockstep {
+        tx: to_worker,
+        rx: from_worker,
+    };
+    let worker = Lockstep {
+        tx: to_main,
+        rx: from_main,
+    };
+    let handle = std::thread::spawn(move || {
+        std::hint::black_box(vec![0u8; 16]);
+        worker.signal();
+        worker.wait();
+        f(&worker);
+    });
+    main.wait();
+    (main, handle)
+}
+
 /// Regex-free `-hide` pattern for `go tool pprof` that hides the standard library's
 /// frames, so that values land on the program's own functions.
 pub const HIDE_STD: &str = r"^(alloc|core|std)::|^<(alloc|core|std)|as (alloc|core|std)::";
