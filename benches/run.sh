@@ -42,6 +42,6 @@ if [[ $what == all || $what == micro ]]; then
     cargo bench -q --bench export >/dev/null
     echo
     python3 micro.py target/criterion target-fp/criterion
-    echo "First export (cold symbolization), 10k unique stacks, default build:"
-    target/release/first_export 10000
+    echo
+    python3 first_export.py target/release/first_export
 fi
