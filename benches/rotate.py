@@ -7,11 +7,20 @@ command after the first it prints the median of the per-round CPU-time ratios
 command / baseline - 1 with a 95% confidence interval for that median (overhead.py's
 `median_ci`), with overhead.py's CPU time (user + system of the whole process).
 
-Usage: rotate.py ROUNDS 'BASELINE' 'COMMAND' ...
+Usage: rotate.py [--base LIST] ROUNDS 'BASELINE' 'COMMAND' ...
 A command may start with NAME=VALUE environment settings, e.g.
   rotate.py 36 "target/release/wl_system churn 300000" \
       "target/release/wl_allocprof_system churn 300000" \
       "ALLOCPROF_SAMPLE_RATE=0 target/release/wl_allocprof_system churn 300000"
+
+--base gives each command after the first the index of its own baseline (0 is BASELINE,
+1 the first COMMAND, ...), comma-separated; a command whose baseline is itself is only
+timed. So that two builds run in one rotation, each against its own System:
+  rotate.py --base 0,0,3,3 150 "target/release/wl_system churn 300000" \
+      "target/release/wl_allocprof_system churn 300000" \
+      "ALLOCPROF_SAMPLE_RATE=0 target/release/wl_allocprof_system churn 300000" \
+      "target-fp/release/wl_system churn 300000" \
+      "target-fp/release/wl_allocprof_system churn 300000"
 """
 import shlex
 import statistics
@@ -31,10 +40,18 @@ def run(spec):
 
 
 def main():
-    if len(sys.argv) < 4:
+    args = sys.argv[1:]
+    bases = None
+    if args[:1] == ["--base"] and len(args) > 1:
+        bases = [int(b) for b in args[1].split(",")]
+        args = args[2:]
+    if len(args) < 3:
         raise SystemExit(__doc__)
-    rounds = int(sys.argv[1])
-    cmds = sys.argv[2:]
+    rounds = int(args[0])
+    cmds = args[1:]
+    bases = [0] + (bases if bases is not None else [0] * (len(cmds) - 1))
+    if len(bases) != len(cmds) or not all(0 <= b < len(cmds) for b in bases):
+        raise SystemExit("--base needs one index below the number of commands per COMMAND")
     times = [[] for _ in cmds]
     for i in range(rounds):
         order = list(range(len(cmds)))
@@ -45,11 +62,15 @@ def main():
         for j in order:
             times[j].append(run(cmds[j]))
     for j in range(1, len(cmds)):
-        ratios = [b / a for a, b in zip(times[0], times[j])]
+        if bases[j] == j:
+            continue
+        ratios = [b / a for a, b in zip(times[bases[j]], times[j])]
         lo, hi = median_ci(ratios)
+        against = f"  (against {bases[j]})" if bases[j] else ""
         print(f"{100 * (statistics.median(ratios) - 1):+5.1f}% "
-              f"[{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]  {cmds[j]}")
-    print(f"baseline median {statistics.median(times[0]):.3f} s  {cmds[0]}")
+              f"[{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]  {cmds[j]}{against}")
+    for j, cmd in enumerate(cmds):
+        print(f"{j}: median {statistics.median(times[j]):.3f} s  {cmd}")
 
 
 if __name__ == "__main__":
