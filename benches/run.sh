@@ -5,6 +5,7 @@
 #   benches/run.sh workloads  # only the whole-process table
 #   benches/run.sh micro      # only criterion and first_export
 #   benches/run.sh instructions  # the workload pairs' instruction counts (valgrind)
+#   benches/run.sh cachesim   # a sample's cost in simulated cache misses (valgrind)
 #
 # Two builds: `default` (no frame pointers: allocprof picks its DWARF unwinder) in
 # target/, and `frame-pointers` (RUSTFLAGS=-Cforce-frame-pointers=yes: allocprof walks
@@ -28,6 +29,16 @@ fi
 
 if [[ $what == all || $what == instructions ]]; then
     python3 instructions.py default=target/release frame-pointers=target-fp/release
+fi
+
+if [[ $what == all || $what == cachesim ]]; then
+    for d in target/release target-fp/release; do
+        for w in churn large; do
+            echo
+            echo "## $d"
+            python3 cachesim.py --workload "$w" --functions 12 "$d"
+        done
+    done
 fi
 
 if [[ $what == all || $what == micro ]]; then
