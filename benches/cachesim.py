@@ -27,9 +27,9 @@ samples, read the fast-path row only. "est. cycles" weighs the counts with rough
 latencies of this machine: 1 an instruction, 12 an L1 miss (data or instructions) that
 hits the L2, 60 an L2 miss, 15 a mispredicted branch.
 
-The sampling points are random, so the counts move a little from run to run: allocprof's
-rows by a few per cent, the program's row (a small difference of large totals) by up to
-a fifth. They are a model, not the machine: no prefetchers, no TLB, no overlap of misses
+The sampling points and the addresses are random, so the counts move from run to run:
+allocprof's rows by a few per cent, the program's row (a small difference of large
+totals) by up to a factor of two. They are a model, not the machine: no prefetchers, no TLB, no overlap of misses
 with other work, no L3, no kernel. So compare the cycles a sample costs with the CPU
 time a sample costs (overhead.py's added time over the run's samples), not the model's
 totals with the baseline's.
@@ -55,8 +55,9 @@ WEIGHTS = {"Ir": 1, "D1": 12, "LL": 60, "Bm": 15}
 
 
 def run(binary, args, env):
-    """Per-function event totals of one cachegrind run (keyed by function name), and the
-    samples it reports."""
+    """Event totals of one cachegrind run, keyed by (function, class), and the samples it
+    reports. A function's lines can fall in both classes (allocprof's code inlined into
+    the program's, or the reverse); each line counts in its own."""
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run(
             ["valgrind", "--tool=cachegrind", *SIM, f"--cachegrind-out-file={d}/cg.out",
@@ -66,7 +67,6 @@ def run(binary, args, env):
         if out.returncode != 0:
             raise SystemExit(f"{binary} {args} failed under valgrind:\n{out.stderr}")
         totals = defaultdict(lambda: defaultdict(int))
-        classes = {}
         events, fl, fn = None, "", ""
         with open(f"{d}/cg.out") as f:
             for line in f:
@@ -77,12 +77,11 @@ def run(binary, args, env):
                 elif line.startswith("fn="):
                     fn = line[3:].strip()
                 elif line[:1].isdigit():
-                    classes[fn] = classify(fl, fn)
+                    key = (fn, classify(fl, fn))
                     for e, v in zip(events, line.split()[1:]):
-                        totals[fn][e] += int(v)
-    m = re.search(r"samples: (\d+)", out.stderr)
-    per_fn = {fn: (classes[fn], combine(t)) for fn, t in totals.items()}
-    return per_fn, int(m.group(1)) if m else 0
+                        totals[key][e] += int(v)
+    m = re.search(r"\bsamples: (\d+)", out.stderr)
+    return {key: combine(t) for key, t in totals.items()}, int(m.group(1)) if m else 0
 
 
 def classify(fl, fn):
@@ -105,7 +104,7 @@ def combine(t):
 def delta(a, b, classes, fns=None):
     """b - a per event, over the functions of `classes` (or only `fns`)."""
     def total(run):
-        return {e: sum(t[e] for fn, (c, t) in run.items()
+        return {e: sum(t[e] for (fn, c), t in run.items()
                        if c in classes and (fns is None or fn in fns)) for e in WEIGHTS}
     ta, tb = total(a), total(b)
     return {e: tb[e] - ta[e] for e in WEIGHTS}
@@ -146,11 +145,11 @@ def main():
     print(row("sampled path, the program's code", delta(off, on, ["program"]), samples))
     print(row("allocprof − System, all", delta(sys_, on, both), samples))
     if a.functions:
-        print(f"\nThe sampled path's largest items (sampling on − off), per sample\n")
+        print("\nThe sampled path's largest items (sampling on − off), per sample\n")
         print("| function | instructions | L1 misses | L2 misses | mispredicted branches "
               "| est. cycles |")
         print("|---|---|---|---|---|---|")
-        fns = set(on) | set(off)
+        fns = {fn for fn, _ in on} | {fn for fn, _ in off}
         ranked = sorted(fns, key=lambda fn: -abs(est_cycles(delta(off, on, both, {fn}))))
         for fn in ranked[:a.functions]:
             print(row(f"`{fn}`", delta(off, on, both, {fn}), samples))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Overhead benchmarks of allocprof against the unprofiled allocators and its peers.
 #
-#   benches/run.sh            # everything: build, workloads table, criterion, first export
+#   benches/run.sh            # everything: build, workloads table, instruction counts, cache
+#                             # model, criterion, first export
 #   benches/run.sh workloads  # only the whole-process table
 #   benches/run.sh micro      # only criterion and first_export
 #   benches/run.sh instructions  # the workload pairs' instruction counts (valgrind)
