@@ -29,8 +29,8 @@ hits the L2, 60 an L2 miss, 15 a mispredicted branch.
 
 The sampling points and the addresses are random, so the counts move from run to run:
 allocprof's rows by a few per cent, the program's row (a small difference of large
-totals) by up to a factor of two. They are a model, not the machine: no prefetchers, no TLB, no overlap of misses
-with other work, no L3, no kernel. So compare the cycles a sample costs with the CPU
+totals) by up to a factor of two. They are a model, not the machine: no prefetchers, no
+TLB, no overlap of misses with other work, no L3, no kernel. So compare the cycles a sample costs with the CPU
 time a sample costs (overhead.py's added time over the run's samples), not the model's
 totals with the baseline's.
 
@@ -40,11 +40,10 @@ Usage: cachesim.py [--workload W] [--iters N] [--functions N] DIR
 import argparse
 import os
 import re
-import subprocess
-import tempfile
 from collections import defaultdict
 
-from overhead import DEFAULT_ITERS, process_env
+from instructions import cachegrind
+from overhead import DEFAULT_ITERS
 
 SIM = ["--cache-sim=yes", "--branch-sim=yes", "--D1=32768,8,64", "--LL=524288,8,64"]
 # Functions outside the allocprof crates that the sampled path calls (glibc's names).
@@ -58,29 +57,21 @@ def run(binary, args, env):
     """Event totals of one cachegrind run, keyed by (function, class), and the samples it
     reports. A function's lines can fall in both classes (allocprof's code inlined into
     the program's, or the reverse); each line counts in its own."""
-    with tempfile.TemporaryDirectory() as d:
-        out = subprocess.run(
-            ["valgrind", "--tool=cachegrind", *SIM, f"--cachegrind-out-file={d}/cg.out",
-             binary, *args],
-            env=process_env({**env, "BENCH_PRINT_STATS": "1"}),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"{binary} {args} failed under valgrind:\n{out.stderr}")
-        totals = defaultdict(lambda: defaultdict(int))
-        events, fl, fn = None, "", ""
-        with open(f"{d}/cg.out") as f:
-            for line in f:
-                if line.startswith("events:"):
-                    events = line.split()[1:]
-                elif line.startswith("fl="):
-                    fl = line[3:].strip()
-                elif line.startswith("fn="):
-                    fn = line[3:].strip()
-                elif line[:1].isdigit():
-                    key = (fn, classify(fl, fn))
-                    for e, v in zip(events, line.split()[1:]):
-                        totals[key][e] += int(v)
-    m = re.search(r"\bsamples: (\d+)", out.stderr)
+    stderr, lines = cachegrind(binary, args, {**env, "BENCH_PRINT_STATS": "1"}, SIM)
+    totals = defaultdict(lambda: defaultdict(int))
+    events, fl, fn = None, "", ""
+    for line in lines:
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("fl="):
+            fl = line[3:].strip()
+        elif line.startswith("fn="):
+            fn = line[3:].strip()
+        elif line[:1].isdigit():
+            key = (fn, classify(fl, fn))
+            for e, v in zip(events, line.split()[1:]):
+                totals[key][e] += int(v)
+    m = re.search(r"\bsamples: (\d+)", stderr)
     return {key: combine(t) for key, t in totals.items()}, int(m.group(1)) if m else 0
 
 

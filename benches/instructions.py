@@ -26,18 +26,27 @@ from overhead import DEFAULT_ITERS, PAIRS, WORKLOADS, process_env
 THREADS = 2  # src/lib.rs: THREADS
 
 
-def instructions(binary, args, env):
-    full_env = process_env(env)
+def cachegrind(binary, args, env, options):
+    """Runs `binary args` under `valgrind --tool=cachegrind options` with `env` added to
+    this process's (see overhead.process_env); returns valgrind's and the program's
+    stderr and the lines of cachegrind's output file. Exits if the run fails."""
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run(
-            ["valgrind", "--tool=cachegrind", "--cache-sim=no",
-             f"--cachegrind-out-file={d}/cg.out", binary] + args,
-            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{binary} {args} failed under valgrind:\n{out.stderr}")
-    m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+            ["valgrind", "--tool=cachegrind", *options,
+             f"--cachegrind-out-file={d}/cg.out", binary, *args],
+            env=process_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{binary} {args} failed under valgrind:\n{out.stderr}")
+        with open(f"{d}/cg.out") as f:
+            return out.stderr, f.readlines()
+
+
+def instructions(binary, args, env):
+    stderr, _ = cachegrind(binary, args, env, ["--cache-sim=no"])
+    m = re.search(r"I\s+refs:\s+([\d,]+)", stderr)
     if not m:
-        raise SystemExit(f"no instruction count from valgrind:\n{out.stderr}")
+        raise SystemExit(f"no instruction count from valgrind:\n{stderr}")
     return int(m.group(1).replace(",", ""))
 
 
