@@ -30,11 +30,14 @@ hits the L2, 60 an L2 miss, 15 a mispredicted branch.
 The sampling points and the addresses are random, so the counts move from run to run:
 allocprof's rows by a few per cent, the program's row (a small difference of large
 totals) by up to a factor of two. They are a model, not the machine: no prefetchers, no
-TLB, no overlap of misses with other work, no L3, no kernel. So compare the cycles a sample costs with the CPU
-time a sample costs (overhead.py's added time over the run's samples), not the model's
-totals with the baseline's.
+TLB, no overlap of misses with other work, no L3, no kernel. So compare the cycles a
+sample costs with the CPU time a sample costs (overhead.py's added time over the run's
+samples), not the model's totals with the baseline's.
 
-Usage: cachesim.py [--workload W] [--iters N] [--functions N] DIR
+--l1 and --l2 set the simulated caches' sizes in bytes (8-way, 64-byte lines), e.g. half
+of each to see what a job sharing the core would do to a sample's cost.
+
+Usage: cachesim.py [--workload W] [--iters N] [--functions N] [--l1 B] [--l2 B] DIR
 (DIR holds wl_system and wl_allocprof_system)
 """
 import argparse
@@ -45,7 +48,8 @@ from collections import defaultdict
 from instructions import cachegrind
 from overhead import DEFAULT_ITERS
 
-SIM = ["--cache-sim=yes", "--branch-sim=yes", "--D1=32768,8,64", "--LL=524288,8,64"]
+# This machine's L1 data cache and L2, of one core.
+L1_BYTES, L2_BYTES = 32768, 524288
 # Functions outside the allocprof crates that the sampled path calls (glibc's names).
 SAMPLER_CALLEES = re.compile(r"^(__ieee754_log|log@|log$|__expm1|expm1|__memcmp|memcmp|bcmp)")
 # allocprof's `GlobalAlloc` entry points (std's shims to `__rdl_*` in the System build).
@@ -53,11 +57,12 @@ ENTRY_POINTS = re.compile(r"__rust_(alloc|dealloc|realloc|alloc_zeroed)$")
 WEIGHTS = {"Ir": 1, "D1": 12, "LL": 60, "Bm": 15}
 
 
-def run(binary, args, env):
-    """Event totals of one cachegrind run, keyed by (function, class), and the samples it
-    reports. A function's lines can fall in both classes (allocprof's code inlined into
-    the program's, or the reverse); each line counts in its own."""
-    stderr, lines = cachegrind(binary, args, {**env, "BENCH_PRINT_STATS": "1"}, SIM)
+def run(binary, args, env, sim):
+    """Event totals of one cachegrind run with the options `sim`, keyed by (function,
+    class), and the samples it reports. A function's lines can fall in both classes
+    (allocprof's code inlined into the program's, or the reverse); each line counts in its
+    own."""
+    stderr, lines = cachegrind(binary, args, {**env, "BENCH_PRINT_STATS": "1"}, sim)
     totals = defaultdict(lambda: defaultdict(int))
     events, fl, fn = None, "", ""
     for line in lines:
@@ -92,13 +97,23 @@ def combine(t):
     }
 
 
-def delta(a, b, classes, fns=None):
-    """b - a per event, over the functions of `classes` (or only `fns`)."""
+def delta(a, b, classes):
+    """b - a per event, over the functions of `classes`."""
     def total(run):
-        return {e: sum(t[e] for (fn, c), t in run.items()
-                       if c in classes and (fns is None or fn in fns)) for e in WEIGHTS}
+        return {e: sum(t[e] for (_, c), t in run.items() if c in classes)
+                for e in WEIGHTS}
     ta, tb = total(a), total(b)
     return {e: tb[e] - ta[e] for e in WEIGHTS}
+
+
+def delta_by_function(a, b):
+    """b - a per event for each function, both classes together."""
+    d = defaultdict(lambda: dict.fromkeys(WEIGHTS, 0))
+    for run, sign in ((a, -1), (b, 1)):
+        for (fn, _), t in run.items():
+            for e in WEIGHTS:
+                d[fn][e] += sign * t[e]
+    return d
 
 
 def est_cycles(d):
@@ -117,14 +132,18 @@ def main():
     ap.add_argument("--iters", type=int, help="per thread; default 0.05 of the workload's")
     ap.add_argument("--functions", type=int, default=0,
                     help="also list the N functions adding most to the sampled path")
+    ap.add_argument("--l1", type=int, default=L1_BYTES, help="L1 data cache, bytes")
+    ap.add_argument("--l2", type=int, default=L2_BYTES, help="last-level cache, bytes")
     ap.add_argument("dir")
     a = ap.parse_args()
+    sim = ["--cache-sim=yes", "--branch-sim=yes",
+           f"--D1={a.l1},8,64", f"--LL={a.l2},8,64"]
     iters = a.iters or int(DEFAULT_ITERS[a.workload] * 0.05)
     args = [a.workload, str(iters)]
-    sys_, _ = run(os.path.join(a.dir, "wl_system"), args, {})
+    sys_, _ = run(os.path.join(a.dir, "wl_system"), args, {}, sim)
     off, _ = run(os.path.join(a.dir, "wl_allocprof_system"), args,
-                 {"ALLOCPROF_SAMPLE_RATE": "0"})
-    on, samples = run(os.path.join(a.dir, "wl_allocprof_system"), args, {})
+                 {"ALLOCPROF_SAMPLE_RATE": "0"}, sim)
+    on, samples = run(os.path.join(a.dir, "wl_allocprof_system"), args, {}, sim)
     if samples == 0:
         raise SystemExit("the profiled run reported no samples")
     both = ("allocprof", "program")
@@ -140,10 +159,10 @@ def main():
         print("| function | instructions | L1 misses | L2 misses | mispredicted branches "
               "| est. cycles |")
         print("|---|---|---|---|---|---|")
-        fns = {fn for fn, _ in on} | {fn for fn, _ in off}
-        ranked = sorted(fns, key=lambda fn: -abs(est_cycles(delta(off, on, both, {fn}))))
-        for fn in ranked[:a.functions]:
-            print(row(f"`{fn}`", delta(off, on, both, {fn}), samples))
+        by_fn = delta_by_function(off, on)
+        ranked = sorted(by_fn.items(), key=lambda item: -abs(est_cycles(item[1])))
+        for fn, d in ranked[:a.functions]:
+            print(row(f"`{fn}`", d, samples))
 
 
 if __name__ == "__main__":
