@@ -34,10 +34,14 @@
 //! # Caches
 //!
 //! A rule cache (about 48 KiB, plus `gimli`'s context for running CFI programs) is mutable
-//! state, so there are [`SLOTS`] of them, each behind a try-lock, created on first use. A
-//! thread starts at a slot picked from its stack address and takes the first free one.
-//! No thread ever waits: if all are busy (or the module list is still being built by
-//! another thread) the capture declines and the caller falls back to the system unwinder.
+//! state, so there are [`SLOTS`] of them, each behind a try-lock, created on first use.
+//! Each thread is handed a slot to start at on its first capture, in turn, and takes the
+//! first free one from there, so that up to [`SLOTS`] sampling threads keep a slot each.
+//! (A slot picked from the stack address, as before, was the same for threads whose
+//! stacks lie 2 MiB or 8 MiB apart, Rust's and glibc's default sizes: two such threads
+//! took turns with one slot, its lock and its caches moving between their cores.) No
+//! thread ever waits: if all are busy (or the module list is still being built by another
+//! thread) the capture declines and the caller falls back to the system unwinder.
 //!
 //! # Safety of the walk
 //!
@@ -333,15 +337,33 @@ pub(super) fn memory_bytes() -> usize {
     CREATED.load(Ordering::Relaxed) * SLOT_BYTES
 }
 
+thread_local! {
+    /// The slot this thread tries first, handed out in turn on its first capture.
+    static FIRST_SLOT: std::cell::Cell<u8> = const { std::cell::Cell::new(NOT_HANDED_OUT) };
+}
+const NOT_HANDED_OUT: u8 = u8::MAX;
+/// The next slot to hand out (modulo [`SLOTS`]).
+static NEXT_FIRST_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+/// The slot this thread tries first (see [`FIRST_SLOT`]).
+fn first_slot() -> usize {
+    FIRST_SLOT
+        .try_with(|first| {
+            if first.get() == NOT_HANDED_OUT {
+                first.set((NEXT_FIRST_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS) as u8);
+            }
+            first.get() as usize
+        })
+        // The thread's locals are being torn down: any slot will do.
+        .unwrap_or(0)
+}
+
 /// A held slot; released on drop.
 struct SlotGuard(&'static Slot);
 
 impl SlotGuard {
     fn acquire() -> Option<SlotGuard> {
-        let start = {
-            let local = 0u8;
-            (std::ptr::addr_of!(local) as usize >> 16) % SLOTS
-        };
+        let start = first_slot();
         (0..SLOTS).find_map(|i| {
             let slot = &CACHES[(start + i) % SLOTS];
             slot.busy
@@ -880,5 +902,19 @@ mod tests {
         // A stop rule.
         let (end, frames) = walk_fake(&s, 0, &[(0x1000, Rule::STOP)]);
         assert_eq!((end, frames.len()), (Walked::Stopped, 0));
+    }
+
+    #[test]
+    fn threads_are_handed_first_slots_in_turn() {
+        // Threads run one after another: their stacks lie the same distance apart, which
+        // put them all at one slot when it was picked from the stack address. Handed out
+        // in turn, they differ (threads of other tests may take turns in between, but not
+        // so many that four land on the same slot).
+        let firsts: Vec<usize> = (0..4)
+            .map(|_| std::thread::spawn(first_slot).join().unwrap())
+            .collect();
+        assert!(firsts.windows(2).any(|w| w[0] != w[1]), "{firsts:?}");
+        assert!(firsts.iter().all(|&f| f < SLOTS));
+        assert_eq!(first_slot(), first_slot(), "a thread keeps its first slot");
     }
 }
