@@ -37,11 +37,13 @@
 //! state, so there are [`SLOTS`] of them, each behind a try-lock, created on first use.
 //! Each thread is handed a slot to start at on its first capture, in turn, and takes the
 //! first free one from there, so that up to [`SLOTS`] sampling threads keep a slot each.
-//! (A slot picked from the stack address, as before, was the same for threads whose
-//! stacks lie 2 MiB or 8 MiB apart, Rust's and glibc's default sizes: two such threads
-//! took turns with one slot, its lock and its caches moving between their cores.) No
-//! thread ever waits: if all are busy (or the module list is still being built by another
-//! thread) the capture declines and the caller falls back to the system unwinder.
+//! (The slot was picked from the stack address, `(sp >> 16) % 8`, which repeats every
+//! 512 KiB: threads whose stacks lie 2 MiB or 8 MiB apart, Rust's and glibc's default
+//! sizes, mostly started at the same slot, as does a thread on a joined thread's reused
+//! stack, and the benchmarks' two threads took turns with one slot, its lock and its
+//! caches moving between their cores.) No thread ever waits: if all are busy (or the
+//! module list is still being built by another thread) the capture declines and the
+//! caller falls back to the system unwinder.
 //!
 //! # Safety of the walk
 //!
@@ -906,10 +908,11 @@ mod tests {
 
     #[test]
     fn threads_are_handed_first_slots_in_turn() {
-        // Threads run one after another: their stacks lie the same distance apart, which
-        // put them all at one slot when it was picked from the stack address. Handed out
-        // in turn, they differ (threads of other tests may take turns in between, but not
-        // so many that four land on the same slot).
+        // Threads run one after another, most likely each on the stack the one before it
+        // left (glibc keeps joined threads' stacks for reuse), which put them all at one
+        // slot when it was picked from the stack address. Handed out in turn, they differ
+        // (threads of other tests may take turns in between, but not so many that four
+        // land on the same slot).
         let firsts: Vec<usize> = (0..4)
             .map(|_| std::thread::spawn(first_slot).join().unwrap())
             .collect();
