@@ -106,25 +106,28 @@ pub(super) fn walk(
     if !bounds.contains(fp, RECORD) {
         return None;
     }
+    // `ret` returns into the caller of the function owning the record at `fp`. Like the
+    // baseline, keep it iff that function's frame lies above `marker`, i.e. it is the
+    // sampling entry point or one of its callers (its callees' records all lie below the
+    // marker, a local of the entry point; the entry point's record above it). The chain
+    // rises strictly, so the records below the marker come first: skip them in a loop of
+    // their own, and the loop that keeps frames needs no marker test.
+    while fp <= marker {
+        match bounds.read_record(fp) {
+            Some((next, ret)) if ret != 0 && next > fp => fp = next,
+            _ => return Some(End::Done),
+        }
+    }
     let mut buf = buf.writer();
     loop {
         let Some((next, ret)) = bounds.read_record(fp) else {
             return Some(End::Done);
         };
-        if ret == 0 {
+        if ret == 0 || !buf.push(ret) {
             return Some(End::Done);
         }
-        // `ret` returns into the caller of the function owning this record. Like the
-        // baseline, keep it iff that function's frame lies above `marker`, i.e. it is the
-        // sampling entry point or one of its callers (its callees' records all lie below
-        // the marker, a local of the entry point; the entry point's record above it).
-        if fp > marker {
-            if !buf.push(ret) {
-                return Some(End::Done);
-            }
-            if !in_fp_code(ret) {
-                return Some(handoff(ret, fp, next));
-            }
+        if !in_fp_code(ret) {
+            return Some(handoff(ret, fp, next));
         }
         if next <= fp {
             return Some(End::Done);

@@ -233,15 +233,62 @@ mod bad_chains {
 
     /// Walks a hand-built chain in `frames` (on this stack) starting at word `start`.
     fn walk_fake(frames: &mut [usize], start: usize) -> Vec<usize> {
+        walk_fake_above(frames, start, 0)
+    }
+
+    /// As `walk_fake`, keeping only the return addresses of records above the address
+    /// `marker`.
+    fn walk_fake_above(frames: &mut [usize], start: usize, marker: usize) -> Vec<usize> {
         let base = frames.as_ptr() as usize;
         let bounds = StackBounds {
             lo: base,
             hi: base + frames.len() * W,
         };
         let mut buf = StackBuf::new();
-        let end = walk(&mut buf, 0, &bounds, base + start * W, |_| true);
+        let end = walk(&mut buf, marker, &bounds, base + start * W, |_| true);
         assert!(matches!(end, Some(End::Done)));
         buf.as_slice().to_vec()
+    }
+
+    #[test]
+    fn records_at_or_below_the_marker_are_skipped() {
+        let mut f = [0usize; 8];
+        let base = f.as_ptr() as usize;
+        for (i, ret) in [0x1000, 0x2000, 0x3000, 0x4000].into_iter().enumerate() {
+            f[2 * i] = if i < 3 { base + (2 * i + 2) * W } else { 0 };
+            f[2 * i + 1] = ret;
+        }
+        assert_eq!(
+            walk_fake_above(&mut f, 0, 0),
+            [0x1000, 0x2000, 0x3000, 0x4000]
+        );
+        // A marker between records, and one at a record: records above it only.
+        assert_eq!(walk_fake_above(&mut f, 0, base + 3 * W), [0x3000, 0x4000]);
+        assert_eq!(walk_fake_above(&mut f, 0, base + 4 * W), [0x4000]);
+        // A bad chain below the marker ends the walk with nothing kept.
+        f[2] = base;
+        assert_eq!(
+            walk_fake_above(&mut f, 0, base + 5 * W),
+            Vec::<usize>::new()
+        );
+    }
+
+    #[test]
+    fn a_chain_deeper_than_the_buffer_keeps_its_innermost_frames() {
+        let depth = crate::stack::MAX_DEPTH + 20;
+        let mut f = vec![0usize; 2 * depth];
+        let base = f.as_ptr() as usize;
+        for i in 0..depth {
+            f[2 * i] = if i + 1 < depth {
+                base + (2 * i + 2) * W
+            } else {
+                0
+            };
+            f[2 * i + 1] = 0x1000 + i;
+        }
+        let kept = walk_fake(&mut f, 0);
+        let want: Vec<usize> = (0..crate::stack::MAX_DEPTH).map(|i| 0x1000 + i).collect();
+        assert_eq!(kept, want);
     }
 
     #[test]
