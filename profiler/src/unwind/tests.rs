@@ -4,10 +4,13 @@
 //! The frame-pointer comparison needs a build with frame pointers:
 //!
 //! ```text
-//! RUSTFLAGS="-C force-frame-pointers=yes" cargo test -p allocprof-core unwind
+//! ALLOCPROF_TEST_FRAME_POINTERS=1 RUSTFLAGS="-C force-frame-pointers=yes" \
+//!     cargo test -p allocprof-core unwind
 //! ```
 //!
-//! Without them it prints a notice and checks only `dwarf` against `libgcc`.
+//! Without them it prints a notice and checks only `dwarf` against `libgcc`. The variable
+//! (set by CI) makes the comparison mandatory, and is what enables it on aarch64, where
+//! frame pointers are not detected.
 
 use super::{capture_with, compiled_with_frame_pointers, Unwinder};
 use crate::stack::StackBuf;
@@ -95,9 +98,27 @@ fn available() -> Vec<Unwinder> {
         .collect()
 }
 
+/// Whether to hold the frame-pointer unwinder to the baseline: when this build keeps
+/// frame pointers. `ALLOCPROF_TEST_FRAME_POINTERS=1` says that it does (CI sets it in
+/// its builds with `-C force-frame-pointers=yes`): the comparison then cannot be skipped,
+/// on x86_64 the detection must agree, and on aarch64, where nothing detects frame
+/// pointers, it is the only way to run the comparison.
+fn frame_pointers_in_build() -> bool {
+    let detected = compiled_with_frame_pointers();
+    if std::env::var_os("ALLOCPROF_TEST_FRAME_POINTERS").is_some_and(|v| v == "1") {
+        assert!(
+            detected || !cfg!(target_arch = "x86_64"),
+            "ALLOCPROF_TEST_FRAME_POINTERS=1, but this x86_64 build was not detected as \
+             keeping frame pointers"
+        );
+        return true;
+    }
+    detected
+}
+
 /// Checks every unwinder's stack against `libgcc`'s, at several depths, on this thread.
 fn compare_here() {
-    let fp_ok = compiled_with_frame_pointers();
+    let fp_ok = frame_pointers_in_build();
     if !fp_ok && Unwinder::FramePointer.available() {
         eprintln!(
             "notice: built without frame pointers; skipping the fp-vs-backtrace comparison \
@@ -154,7 +175,7 @@ fn the_leaf_frame_is_the_entry_points_caller() {
     // The first frame kept is the return address into the caller of `entry` (the marker's
     // function): symbolized, it must name `recurse`, not the capture machinery.
     for (asked, _, stack) in recurse(3, &available()) {
-        if asked == Unwinder::FramePointer && !compiled_with_frame_pointers() {
+        if asked == Unwinder::FramePointer && !frame_pointers_in_build() {
             continue;
         }
         let leaf = crate::stack::ReturnAddress(stack[0]).lookup();
@@ -172,7 +193,7 @@ fn warm_capture_does_not_allocate() {
     let unwinders: Vec<Unwinder> = available()
         .into_iter()
         .filter(|&u| u != Unwinder::Libgcc)
-        .filter(|&u| u != Unwinder::FramePointer || compiled_with_frame_pointers())
+        .filter(|&u| u != Unwinder::FramePointer || frame_pointers_in_build())
         .collect();
     if unwinders.is_empty() {
         // No DWARF unwinder on this platform and no frame pointers in this build: every
