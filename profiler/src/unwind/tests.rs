@@ -116,8 +116,25 @@ fn frame_pointers_in_build() -> bool {
     detected
 }
 
+/// Waits until the DWARF unwinder's module list is built (building it if no thread has
+/// started to). The first capture in the process builds it, and while another test's
+/// thread does, captures here fall back to `libgcc` (`dwarf`) or end at the first frame
+/// outside the main program (`fp`, which needs the main program's range to hand glibc's
+/// root frames to DWARF). A comparison that raced the build failed in CI: all its retries
+/// fell inside the build.
+fn wait_for_module_list() {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::dwarf::main_text().is_none() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// Checks every unwinder's stack against `libgcc`'s, at several depths, on this thread.
 fn compare_here() {
+    wait_for_module_list();
     let fp_ok = frame_pointers_in_build();
     if !fp_ok && Unwinder::FramePointer.available() {
         eprintln!(
@@ -174,6 +191,7 @@ fn unwinders_match_backtrace_on_a_spawned_thread() {
 fn the_leaf_frame_is_the_entry_points_caller() {
     // The first frame kept is the return address into the caller of `entry` (the marker's
     // function): symbolized, it must name `recurse`, not the capture machinery.
+    wait_for_module_list();
     for (asked, _, stack) in recurse(3, &available()) {
         if asked == Unwinder::FramePointer && !frame_pointers_in_build() {
             continue;
