@@ -37,11 +37,9 @@
 //! state, so there are [`SLOTS`] of them, each behind a try-lock, created on first use.
 //! Each thread is handed a slot to start at on its first capture, in turn, and takes the
 //! first free one from there, so that up to [`SLOTS`] sampling threads keep a slot each.
-//! (The slot was picked from the stack address, `(sp >> 16) % 8`, which repeats every
-//! 512 KiB: threads whose stacks lie 2 MiB or 8 MiB apart, Rust's and glibc's default
-//! sizes, mostly started at the same slot, as does a thread on a joined thread's reused
-//! stack, and the benchmarks' two threads took turns with one slot, its lock and its
-//! caches moving between their cores.) No thread ever waits: if all are busy (or the
+//! (A pick from the stack address would put threads whose stacks lie a multiple of
+//! 512 KiB apart, or reuse a joined thread's stack, at one slot, whose lock and caches
+//! would then move between their cores.) No thread ever waits: if all are busy (or the
 //! module list is still being built by another thread) the capture declines and the
 //! caller falls back to the system unwinder.
 //!

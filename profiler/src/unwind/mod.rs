@@ -225,19 +225,18 @@ pub(crate) fn capture_with(unwinder: Unwinder, buf: &mut StackBuf, marker: usize
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         Unwinder::FramePointer => {
             // Walk frame pointers through the main program; hand frames in other objects
-            // (glibc's start routines, built without frame pointers) to DWARF.
-            let main = dwarf::main_text();
-            let end = match &main {
-                Some(text) => fp::capture(buf, marker, |a| text.contains(&a)),
-                None => fp::capture(buf, marker, |_| true),
-            };
-            match end {
-                Some(fp::End::Done) => return Unwinder::FramePointer,
-                Some(fp::End::Handoff { ip, sp, bp }) => {
-                    finish_with_dwarf(buf, marker, ip, sp, bp, main.as_ref());
-                    return Unwinder::FramePointer;
+            // (glibc's start routines, built without frame pointers) to DWARF. Without the
+            // main program's range (the module list being built by another thread) the
+            // walk could not tell where to hand over: fall back, as `dwarf` does.
+            if let Some(main) = dwarf::main_text() {
+                match fp::capture(buf, marker, |a| main.contains(&a)) {
+                    Some(fp::End::Done) => return Unwinder::FramePointer,
+                    Some(fp::End::Handoff { ip, sp, bp }) => {
+                        finish_with_dwarf(buf, marker, ip, sp, bp, &main);
+                        return Unwinder::FramePointer;
+                    }
+                    None => {}
                 }
-                None => {}
             }
         }
         #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
@@ -262,7 +261,7 @@ fn finish_with_dwarf(
     ip: usize,
     sp: usize,
     bp: usize,
-    main: Option<&std::ops::Range<usize>>,
+    main: &std::ops::Range<usize>,
 ) {
     if let Some((frames, len)) = tail::lookup(ip, sp, bp) {
         for &f in &frames[..len] {
@@ -275,7 +274,7 @@ fn finish_with_dwarf(
     let before = buf.as_slice().len();
     if dwarf::resume(buf, marker, ip, sp, bp) == Some(dwarf::Walked::Root) {
         let added = &buf.as_slice()[before..];
-        if main.is_some_and(|m| added.iter().all(|a| !m.contains(a))) {
+        if added.iter().all(|a| !main.contains(a)) {
             tail::store(ip, sp, bp, added);
         }
     }

@@ -118,10 +118,8 @@ fn frame_pointers_in_build() -> bool {
 
 /// Waits until the DWARF unwinder's module list is built (building it if no thread has
 /// started to). The first capture in the process builds it, and while another test's
-/// thread does, captures here fall back to `libgcc` (`dwarf`) or end at the first frame
-/// outside the main program (`fp`, which needs the main program's range to hand glibc's
-/// root frames to DWARF). A comparison that raced the build failed in CI: all its retries
-/// fell inside the build.
+/// thread does, `dwarf` and `fp` captures here fall back to `libgcc`. A comparison that
+/// raced the build failed in CI: all its retries fell inside the build.
 fn wait_for_module_list() {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     {
