@@ -287,14 +287,25 @@ mod bad_chains {
         buf.as_slice().to_vec()
     }
 
+    /// Fills `frames` with a good chain: record `i` at word `2 * i`, returning to
+    /// `rets[i]` and linking to the next record, the last one to null.
+    fn link_records(frames: &mut [usize], rets: &[usize]) {
+        let base = frames.as_ptr() as usize;
+        for (i, &ret) in rets.iter().enumerate() {
+            frames[2 * i] = if i + 1 < rets.len() {
+                base + (2 * i + 2) * W
+            } else {
+                0
+            };
+            frames[2 * i + 1] = ret;
+        }
+    }
+
     #[test]
     fn records_at_or_below_the_marker_are_skipped() {
         let mut f = [0usize; 8];
         let base = f.as_ptr() as usize;
-        for (i, ret) in [0x1000, 0x2000, 0x3000, 0x4000].into_iter().enumerate() {
-            f[2 * i] = if i < 3 { base + (2 * i + 2) * W } else { 0 };
-            f[2 * i + 1] = ret;
-        }
+        link_records(&mut f, &[0x1000, 0x2000, 0x3000, 0x4000]);
         assert_eq!(
             walk_fake_above(&mut f, 0, 0),
             [0x1000, 0x2000, 0x3000, 0x4000]
@@ -314,15 +325,8 @@ mod bad_chains {
     fn a_chain_deeper_than_the_buffer_keeps_its_innermost_frames() {
         let depth = crate::stack::MAX_DEPTH + 20;
         let mut f = vec![0usize; 2 * depth];
-        let base = f.as_ptr() as usize;
-        for i in 0..depth {
-            f[2 * i] = if i + 1 < depth {
-                base + (2 * i + 2) * W
-            } else {
-                0
-            };
-            f[2 * i + 1] = 0x1000 + i;
-        }
+        let rets: Vec<usize> = (0..depth).map(|i| 0x1000 + i).collect();
+        link_records(&mut f, &rets);
         let kept = walk_fake(&mut f, 0);
         let want: Vec<usize> = (0..crate::stack::MAX_DEPTH).map(|i| 0x1000 + i).collect();
         assert_eq!(kept, want);
