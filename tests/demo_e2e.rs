@@ -103,7 +103,7 @@ fn start_demo(extra: &[&str]) -> Demo {
     demo
 }
 
-fn fetch(demo: &Demo, path: &str, name: &str) -> std::path::PathBuf {
+fn fetch(demo: &Demo, path: &str, name: &str) -> common::TempPath {
     let (status, body) = http_get(&demo.pprof, path);
     assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
     temp_file(name, &body)

@@ -4,7 +4,7 @@
 mod common;
 
 use allocprof_http::{Config, Server};
-use common::{get, workload};
+use common::{get, workload, TempPath};
 use std::alloc::System;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,13 +118,7 @@ fn chromium() -> Option<PathBuf> {
 /// Runs headless Chromium with the given extra arguments and returns stdout; a watchdog
 /// kills it if it hangs.
 fn run_chromium(bin: &PathBuf, args: &[String]) -> String {
-    let profile_dir = std::env::temp_dir().join(format!(
-        "allocprof-chromium-{}-{}",
-        std::process::id(),
-        args.len()
-    ));
-    let _ = std::fs::remove_dir_all(&profile_dir);
-    std::fs::create_dir_all(&profile_dir).unwrap();
+    let profile_dir = TempPath::dir("allocprof-chromium");
     let mut child = Command::new(bin)
         .args([
             "--headless",
@@ -169,7 +163,6 @@ fn run_chromium(bin: &PathBuf, args: &[String]) -> String {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watchdog.join();
     stderr.push_str(&err_reader.join().unwrap_or_default());
-    let _ = std::fs::remove_dir_all(&profile_dir);
     assert!(
         status.success(),
         "chromium {args:?}: {status}\nstderr:\n{stderr}"
@@ -210,9 +203,7 @@ fn chromium_renders_the_flame_graph() {
     );
 
     // And it paints: a screenshot of the page is a non-trivial PNG.
-    let shot =
-        std::env::temp_dir().join(format!("allocprof-flamegraph-{}.png", std::process::id()));
-    let _ = std::fs::remove_file(&shot);
+    let shot = TempPath::new("allocprof-flamegraph", ".png");
     run_chromium(
         &bin,
         &[
@@ -228,9 +219,6 @@ fn chromium_renders_the_flame_graph() {
         "a painted page, not a blank one ({} bytes)",
         png.len()
     );
-    eprintln!(
-        "flame graph screenshot: {} ({} bytes)",
-        shot.display(),
-        png.len()
-    );
+    // The screenshot is removed with `shot` at the end of the test.
+    eprintln!("flame graph screenshot: {} bytes", png.len());
 }

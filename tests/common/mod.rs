@@ -6,6 +6,9 @@ use std::io::Read;
 use std::process::Command;
 
 pub mod runner;
+pub mod temp;
+
+pub use temp::TempPath;
 
 /// Whether `go` is on PATH. When it is not: returns `false` after printing a notice, or
 /// panics if `ALLOCPROF_REQUIRE_GO=1` (CI sets it, so go-dependent tests cannot skip there).
@@ -77,11 +80,11 @@ pub fn stacks(p: &proto::Profile) -> Vec<(String, Vec<i64>)> {
         .collect()
 }
 
-/// Writes `bytes` to a fresh temporary file and returns its path.
-pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("allocprof-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
+/// Writes `bytes` to a fresh temporary file, `allocprof-test-<pid>-<n>-<name>`, and returns
+/// its path; the file is removed when the returned value is dropped, so keep it alive for
+/// as long as the path is used.
+pub fn temp_file(name: &str, bytes: &[u8]) -> TempPath {
+    let path = TempPath::new("allocprof-test", &format!("-{name}"));
     std::fs::write(&path, bytes).expect("write temp file");
     path
 }

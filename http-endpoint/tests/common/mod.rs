@@ -9,6 +9,11 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
+#[path = "../../../tests/common/temp.rs"]
+pub mod temp;
+
+pub use temp::TempPath;
+
 /// How long a test waits on a socket before failing instead of hanging.
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -180,16 +185,16 @@ pub fn have_go() -> bool {
     ok
 }
 
-/// Runs `go tool pprof ARGS…` with a private `PPROF_TMPDIR` and returns stdout and
-/// stderr; panics with both on failure.
+/// Runs `go tool pprof ARGS…` with a private `PPROF_TMPDIR` (where it saves the profiles
+/// it fetched; one directory per call, removed on return) and returns stdout and stderr;
+/// panics with both on failure.
 pub fn go_pprof(args: &[&str]) -> (String, String) {
-    let tmp = std::env::temp_dir().join(format!("allocprof-http-pprof-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = TempPath::dir("allocprof-http-pprof");
     let out = Command::new("go")
         .arg("tool")
         .arg("pprof")
         .args(args)
-        .env("PPROF_TMPDIR", &tmp)
+        .env("PPROF_TMPDIR", tmp.as_os_str())
         .output()
         .expect("run go tool pprof");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
