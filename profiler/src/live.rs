@@ -25,13 +25,18 @@
 //! where separate arrays for pointers, metadata and filter counts cost three cache misses
 //! each time in a program that keeps the cache busy.
 //!
-//! Removal leaves a tombstone, except that a tombstone followed by an empty slot is turned
-//! back into an empty slot (and so on backwards). Entries never move, so a lookup for a
-//! pointer that is in the set always finds it, whatever writers do concurrently: a
-//! pointer is looked up only by the thread that frees it, after its insertion
-//! happened-before (the program had to hand the pointer over to free it), and a slot on
-//! the probe path of a present pointer is never made empty (the chain from its home slot
-//! to it contains no empty slot, so no tombstone on it is followed by an empty slot).
+//! Lookups go line by line: a pointer's home is a line, it is stored in the first line
+//! of its stripe from there on with a free slot, and every line it passed on the way
+//! counts it in `passed`. A lookup that misses in a line goes on only while that line's
+//! `passed` is not zero, and a removal empties its slot and takes its count back from
+//! the lines it passed. So there are no tombstones, and a removal from a line that no
+//! probe passes (all of them, in a table this sparse) touches no other line: where the
+//! slot-by-slot table before it read a neighbouring line at every removal to decide
+//! between an empty slot and a tombstone, a cache miss on every sampled free. Entries
+//! never move, so a lookup for a pointer that is in the set always finds it, whatever
+//! writers do concurrently: a pointer is looked up only by the thread that frees it,
+//! after its insertion happened-before (the program had to hand the pointer over to free
+//! it), and the lines it passed keep its count until it is removed.
 //!
 //! The table lives in `.bss`: 2^17 slots in 2^16 lines, 4 MiB; untouched pages cost
 //! nothing. Where the kernel offers transparent huge pages (`madvise` mode or `always`),
@@ -49,7 +54,7 @@
 use crate::lock::{ForkLock, Mutex};
 use crate::table::StackId;
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 const BITS: u32 = 17;
 const CAP: usize = 1 << BITS;
@@ -58,15 +63,13 @@ const LINES: usize = 1 << LINE_BITS;
 /// Independent sub-tables, each with its own writer lock.
 const STRIPES: usize = 16;
 const STRIPE_SLOTS: usize = CAP / STRIPES;
+const STRIPE_LINES: usize = LINES / STRIPES;
 /// Most sampled objects tracked at once (half the slots).
 pub const MAX_LIVE: usize = CAP / 2;
 /// Most tracked in one stripe.
 const STRIPE_MAX_LIVE: usize = STRIPE_SLOTS / 2;
-/// Live plus tombstones in a stripe never exceeds this, so absent lookups stay short.
-const STRIPE_MAX_USED: usize = STRIPE_SLOTS * 5 / 8;
 
 const EMPTY: usize = 0;
-const TOMBSTONE: usize = 1;
 
 /// What is remembered about a sampled object until it is freed. 16 bytes, so that a line
 /// holds two. The weight is kept as an `f32`; the sampled path rounds it to `f32` before
@@ -86,10 +89,14 @@ const NO_META: LiveMeta = LiveMeta {
     size: 0,
 };
 
-/// Two slots and the filter count of the line.
+/// Two slots, their metadata and the line's two counts.
 #[repr(C, align(64))]
 struct Line {
     keys: [AtomicUsize; 2],
+    /// Tracked pointers stored beyond this line whose probe passed it: their home line
+    /// comes before it in their stripe's probe order, and both its slots were taken when
+    /// they were inserted. Written under the lock of the line's stripe, read without.
+    passed: AtomicU32,
     /// Written and read only under the lock of the line's stripe.
     meta: UnsafeCell<[LiveMeta; 2]>,
     /// Tracked pointers whose home slot is in this line; the line's filter bit is set iff
@@ -98,7 +105,7 @@ struct Line {
 }
 
 const _: () = assert!(std::mem::size_of::<Line>() == 64);
-const _: () = assert!(STRIPE_SLOTS.is_multiple_of(2));
+const _: () = assert!(LINES.is_multiple_of(STRIPES));
 
 // SAFETY: `keys` are atomics; `meta` and `count` are only accessed while holding the
 // lock of the stripe the line belongs to (lines never straddle stripes; every access below
@@ -109,6 +116,7 @@ unsafe impl Sync for Line {}
 #[allow(clippy::declare_interior_mutable_const)] // used only as the array initialiser
 const EMPTY_LINE: Line = Line {
     keys: [const { AtomicUsize::new(EMPTY) }; 2],
+    passed: AtomicU32::new(0),
     meta: UnsafeCell::new([NO_META; 2]),
     count: UnsafeCell::new(0),
 };
@@ -157,7 +165,8 @@ pub(crate) fn advise_huge_pages() {
 static HUGE: AtomicBool = AtomicBool::new(false);
 
 /// An upper bound on the table's resident bytes after `samples` samples: each touched at
-/// most two pages (its slot's line, and the next if its probe ran on).
+/// most two pages (its home line, and the next if its probe ran on; a probe would have to
+/// pass 64 full lines to reach a third).
 pub(crate) fn resident_bound(samples: u64) -> usize {
     let page = if HUGE.load(Ordering::Relaxed) {
         HUGE_PAGE
@@ -174,7 +183,6 @@ static FILTER: [AtomicU64; LINES / 64] = [const { AtomicU64::new(0) }; LINES / 6
 /// A stripe's writer state, guarded by its lock.
 struct Writer {
     live: usize,
-    tombstones: usize,
 }
 
 /// A stripe's lock and its live count (written under the lock, read without), on lines of
@@ -187,10 +195,7 @@ struct Stripe {
 
 #[allow(clippy::declare_interior_mutable_const)] // used only as the array initialiser
 const NEW_STRIPE: Stripe = Stripe {
-    writer: Mutex::new(Writer {
-        live: 0,
-        tombstones: 0,
-    }),
+    writer: Mutex::new(Writer { live: 0 }),
     live: AtomicUsize::new(0),
 };
 
@@ -202,34 +207,28 @@ fn hash(ptr: usize) -> u64 {
     (ptr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// The pointer's home slot.
+/// The pointer's home line.
 #[inline(always)]
 fn home(ptr: usize) -> usize {
-    (hash(ptr) >> (64 - BITS)) as usize
+    (hash(ptr) >> (64 - LINE_BITS)) as usize
 }
 
-/// The slot after `i` in its stripe's probe order.
+/// The line after `l` in its stripe's probe order.
 #[inline(always)]
-fn next(i: usize) -> usize {
-    (i & !(STRIPE_SLOTS - 1)) | ((i + 1) & (STRIPE_SLOTS - 1))
+fn next(l: usize) -> usize {
+    (l & !(STRIPE_LINES - 1)) | ((l + 1) & (STRIPE_LINES - 1))
 }
 
-/// The slot before `i` in its stripe's probe order.
+/// The stripe of line `l`.
 #[inline(always)]
-fn prev(i: usize) -> usize {
-    (i & !(STRIPE_SLOTS - 1)) | (i.wrapping_sub(1) & (STRIPE_SLOTS - 1))
+fn stripe(l: usize) -> &'static Stripe {
+    &STRIPE[l / STRIPE_LINES]
 }
 
-/// The stripe of slot `i`.
+/// Line `l`.
 #[inline(always)]
-fn stripe(i: usize) -> &'static Stripe {
-    &STRIPE[i / STRIPE_SLOTS]
-}
-
-/// Slot `i`'s key.
-#[inline(always)]
-fn key(i: usize) -> &'static AtomicUsize {
-    &lines()[i >> 1].keys[i & 1]
+fn line(l: usize) -> &'static Line {
+    &lines()[l]
 }
 
 /// A line's filter bit: (word, mask).
@@ -248,7 +247,7 @@ pub(crate) fn contains(ptr: usize) -> bool {
 /// be (then [`probe`] decides). One cached load.
 #[inline(always)]
 pub(crate) fn may_contain(ptr: usize) -> bool {
-    let (word, mask) = filter_bit(home(ptr) >> 1);
+    let (word, mask) = filter_bit(home(ptr));
     // Acquire pairs with the Release in `insert`: a pointer handed to this thread after
     // its insertion has its bit visible here.
     FILTER[word].load(Ordering::Acquire) & mask != 0
@@ -258,20 +257,28 @@ pub(crate) fn may_contain(ptr: usize) -> bool {
 #[cold]
 #[inline(never)]
 fn probe(ptr: usize) -> bool {
-    let mut i = home(ptr);
-    // Bounded: a stripe always keeps empty slots (STRIPE_MAX_USED < STRIPE_SLOTS), but a
-    // bound costs nothing and makes termination obvious.
-    for _ in 0..STRIPE_SLOTS {
-        let v = key(i).load(Ordering::Acquire);
-        if v == ptr {
-            return true;
+    find(ptr, |l| l.passed.load(Ordering::Acquire)).is_some()
+}
+
+/// The line and slot holding `ptr`, searching from its home line while the lines it
+/// misses in were passed by some probe (`passed` reads a line's count). Bounded: at most
+/// every line of the stripe.
+#[inline(always)]
+fn find(ptr: usize, passed: impl Fn(&Line) -> u32) -> Option<(usize, usize)> {
+    let mut l = home(ptr);
+    for _ in 0..STRIPE_LINES {
+        let t = line(l);
+        for s in 0..2 {
+            if t.keys[s].load(Ordering::Acquire) == ptr {
+                return Some((l, s));
+            }
         }
-        if v == EMPTY {
-            return false;
+        if passed(t) == 0 {
+            return None;
         }
-        i = next(i);
+        l = next(l);
     }
-    false
+    None
 }
 
 /// Starts loading the line `ptr` would be inserted at, so that the cache miss overlaps the
@@ -283,7 +290,7 @@ pub(crate) fn prefetch(ptr: usize) {
     // semantics; SSE is part of the x86_64 baseline.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((&lines()[home(ptr) >> 1] as *const Line).cast());
+        _mm_prefetch::<_MM_HINT_T0>((line(home(ptr)) as *const Line).cast());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = ptr;
@@ -294,7 +301,7 @@ pub(crate) fn prefetch(ptr: usize) {
 fn count_line(_w: &mut Writer, line: usize, delta: i32) {
     // SAFETY: the caller holds the lock of the line's stripe (witnessed by `_w`), the only
     // way to reach a line's count.
-    let count = unsafe { &mut *lines()[line].count.get() };
+    let count = unsafe { &mut *self::line(line).count.get() };
     let before = *count;
     *count = count.wrapping_add_signed(delta);
     let (word, mask) = filter_bit(line);
@@ -308,52 +315,68 @@ fn count_line(_w: &mut Writer, line: usize, delta: i32) {
     }
 }
 
-/// Slot `i`'s metadata. Under the lock of its stripe.
-fn meta(_w: &mut Writer, i: usize) -> &mut LiveMeta {
-    // SAFETY: the caller holds the lock of slot `i`'s stripe (witnessed by the
+/// The metadata of slot `s` of line `l`. Under the lock of its stripe.
+fn meta(_w: &mut Writer, l: usize, s: usize) -> &mut LiveMeta {
+    // SAFETY: the caller holds the lock of line `l`'s stripe (witnessed by the
     // `&mut Writer`, whose borrow bounds the returned one), the only way to reach slot
     // metadata.
-    unsafe { &mut (*lines()[i >> 1].meta.get())[i & 1] }
+    unsafe { &mut (*line(l).meta.get())[s] }
+}
+
+/// Adds `delta` to `passed` of the lines from `from` up to (not including) `to`. Under
+/// the lock of their stripe; only writers change `passed`, so no read-modify-write.
+fn count_passed(_w: &mut Writer, from: usize, to: usize, delta: i32) {
+    let mut l = from;
+    while l != to {
+        let p = &line(l).passed;
+        p.store(
+            p.load(Ordering::Relaxed).wrapping_add_signed(delta),
+            Ordering::Release,
+        );
+        l = next(l);
+    }
 }
 
 /// Starts tracking `ptr`. Returns `false` (and counts it) when the set is full.
 /// Sampled path only.
 pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
-    if ptr <= TOMBSTONE {
+    if ptr == EMPTY {
         return false;
     }
     let h = home(ptr);
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
-    if w.live >= STRIPE_MAX_LIVE || w.live + w.tombstones >= STRIPE_MAX_USED {
+    let relaxed = |t: &Line| t.passed.load(Ordering::Relaxed);
+    if let Some((l, s)) = find(ptr, relaxed) {
+        // Cannot happen for a correct program (the inner allocator returned a pointer
+        // that is still live); keep the newer record.
+        *meta(w, l, s) = m;
+        return true;
+    }
+    if w.live >= STRIPE_MAX_LIVE {
         drop(guard);
         UNTRACKED.fetch_add(1, Ordering::Relaxed);
         return false;
     }
-    let mut i = h;
-    loop {
-        let v = key(i).load(Ordering::Relaxed);
-        if v == EMPTY || v == TOMBSTONE {
-            if v == TOMBSTONE {
-                w.tombstones -= 1;
-            }
-            *meta(w, i) = m;
+    // The first line from home with a free slot; one exists, since at most half the
+    // stripe's slots are taken.
+    let mut l = h;
+    for _ in 0..STRIPE_LINES {
+        let t = line(l);
+        if let Some(s) = (0..2).find(|&s| t.keys[s].load(Ordering::Relaxed) == EMPTY) {
+            *meta(w, l, s) = m;
             w.live += 1;
             st.live.store(w.live, Ordering::Relaxed);
-            count_line(w, h >> 1, 1);
+            count_line(w, h, 1);
+            count_passed(w, h, l, 1);
             // Release: the owner's later lookup (after a happens-before hand-over) sees it.
-            key(i).store(ptr, Ordering::Release);
+            t.keys[s].store(ptr, Ordering::Release);
             return true;
         }
-        if v == ptr {
-            // Cannot happen for a correct program (the inner allocator returned a pointer
-            // that is still live); keep the newer record.
-            *meta(w, i) = m;
-            return true;
-        }
-        i = next(i);
+        l = next(l);
     }
+    false
 }
 
 /// Stops tracking `ptr` and returns what was recorded for it, if it was tracked.
@@ -362,36 +385,14 @@ pub(crate) fn remove(ptr: usize) -> Option<LiveMeta> {
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
-    let mut i = h;
-    for _ in 0..STRIPE_SLOTS {
-        let v = key(i).load(Ordering::Relaxed);
-        if v == EMPTY {
-            return None;
-        }
-        if v == ptr {
-            let m = *meta(w, i);
-            w.live -= 1;
-            st.live.store(w.live, Ordering::Relaxed);
-            if key(next(i)).load(Ordering::Relaxed) == EMPTY {
-                key(i).store(EMPTY, Ordering::Release);
-                // Tombstones directly before an empty slot are on no present pointer's
-                // probe path: clear them too.
-                let mut j = prev(i);
-                while key(j).load(Ordering::Relaxed) == TOMBSTONE {
-                    key(j).store(EMPTY, Ordering::Release);
-                    w.tombstones -= 1;
-                    j = prev(j);
-                }
-            } else {
-                key(i).store(TOMBSTONE, Ordering::Release);
-                w.tombstones += 1;
-            }
-            count_line(w, h >> 1, -1);
-            return Some(m);
-        }
-        i = next(i);
-    }
-    None
+    let (l, s) = find(ptr, |t| t.passed.load(Ordering::Relaxed))?;
+    let m = *meta(w, l, s);
+    w.live -= 1;
+    st.live.store(w.live, Ordering::Relaxed);
+    line(l).keys[s].store(EMPTY, Ordering::Release);
+    count_passed(w, h, l, -1);
+    count_line(w, h, -1);
+    Some(m)
 }
 
 /// Sampled objects tracked now.
@@ -410,4 +411,164 @@ pub(crate) const BYTES: usize = LINES * std::mem::size_of::<Line>();
 /// The live set's writer locks, in locking order, for `fork.rs`.
 pub(crate) fn fork_locks() -> impl DoubleEndedIterator<Item = &'static impl ForkLock> {
     STRIPE.iter().map(|s| &s.writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pointer whose home is line `l`: the `n`th of them (the hash is a multiplication by
+    /// an odd constant, so it can be inverted).
+    fn homed_at(l: usize, n: usize) -> usize {
+        let k: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut inv = k;
+        for _ in 0..6 {
+            inv = inv.wrapping_mul(2u64.wrapping_sub(k.wrapping_mul(inv)));
+        }
+        let h = ((l as u64) << (64 - LINE_BITS)) | (n as u64 + 1) << 8;
+        let ptr = h.wrapping_mul(inv) as usize;
+        assert_eq!(home(ptr), l);
+        ptr
+    }
+
+    fn meta_of(size: u64) -> LiveMeta {
+        LiveMeta {
+            stack: StackId::ZERO,
+            weight: 1.0,
+            size,
+        }
+    }
+
+    /// Recomputes every count of `l`'s stripe from its keys, under its lock, and compares:
+    /// `passed`, the filter counts and bits, the live count. Holds with other entries in
+    /// the stripe (the test binary samples its own allocations into the same set).
+    fn check_stripe(l: usize) {
+        let st = stripe(l);
+        let guard = st.writer.lock();
+        let first = l / STRIPE_LINES * STRIPE_LINES;
+        let mut passed = vec![0u32; STRIPE_LINES];
+        let mut homes = vec![0u32; STRIPE_LINES];
+        let mut live = 0;
+        for at in first..first + STRIPE_LINES {
+            for s in 0..2 {
+                let k = line(at).keys[s].load(Ordering::Relaxed);
+                if k == EMPTY {
+                    continue;
+                }
+                live += 1;
+                let h = home(k);
+                assert_eq!(h / STRIPE_LINES, l / STRIPE_LINES, "stored in its stripe");
+                homes[h - first] += 1;
+                let mut p = h;
+                while p != at {
+                    passed[p - first] += 1;
+                    p = next(p);
+                }
+            }
+        }
+        assert_eq!(guard.live, live, "live count");
+        for at in first..first + STRIPE_LINES {
+            let t = line(at);
+            assert_eq!(
+                t.passed.load(Ordering::Relaxed),
+                passed[at - first],
+                "passed"
+            );
+            // SAFETY: under the stripe's lock.
+            let count = unsafe { *t.count.get() };
+            assert_eq!(count, homes[at - first], "filter count of line {at}");
+            let (word, mask) = filter_bit(at);
+            let bit = FILTER[word].load(Ordering::Relaxed) & mask != 0;
+            assert_eq!(bit, count != 0, "filter bit of line {at}");
+        }
+    }
+
+    #[test]
+    fn colliding_pointers_chain_and_come_out_in_any_order() {
+        // The last line of stripe 3: the chain wraps to the stripe's first line.
+        let l = 4 * STRIPE_LINES - 1;
+        let ptrs: Vec<usize> = (0..7).map(|n| homed_at(l, n)).collect();
+        for (i, &p) in ptrs.iter().enumerate() {
+            assert!(!contains(p));
+            assert!(insert(p, meta_of(i as u64)));
+            check_stripe(l);
+        }
+        assert!(ptrs.iter().all(|&p| contains(p)));
+        // Wrapped inside the stripe, not into stripe 4.
+        assert!(
+            (0..2).any(|s| ptrs.contains(&line(3 * STRIPE_LINES).keys[s].load(Ordering::Relaxed)))
+        );
+        assert!(line(l).passed.load(Ordering::Relaxed) >= 5);
+        for &i in &[3, 0, 6, 1, 5, 2, 4] {
+            let m = remove(ptrs[i]).expect("tracked");
+            assert_eq!(m.size, i as u64, "its own record");
+            assert!(!contains(ptrs[i]));
+            assert!(remove(ptrs[i]).is_none());
+            check_stripe(l);
+            for (j, &p) in ptrs.iter().enumerate() {
+                let gone = [3, 0, 6, 1, 5, 2, 4]
+                    .iter()
+                    .take_while(|&&k| k != i)
+                    .any(|&k| k == j)
+                    || j == i;
+                assert_eq!(contains(p), !gone, "pointer {j} after removing {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_free_slot_before_a_present_pointer_does_not_hide_it_or_duplicate_it() {
+        let l = 7 * STRIPE_LINES + 100;
+        let [a, b, c] = [0, 1, 2].map(|n| homed_at(l, n + 20));
+        for p in [a, b, c] {
+            assert!(insert(p, meta_of(1)));
+        }
+        // `c` sits in the next line; the slot `a` leaves is free but the search goes on.
+        assert!(remove(a).is_some());
+        assert!(contains(c));
+        // Inserting `c` again (a pointer that is still tracked) keeps one entry.
+        assert!(insert(c, meta_of(2)));
+        assert_eq!(remove(c).map(|m| m.size), Some(2));
+        assert!(!contains(c));
+        assert!(remove(b).is_some());
+        check_stripe(l);
+    }
+
+    #[test]
+    fn lookups_find_a_pointer_while_its_neighbours_come_and_go() {
+        let l = 11 * STRIPE_LINES + 7;
+        // `far` sits two lines beyond its home, behind four neighbours.
+        let near: Vec<usize> = (0..4).map(|n| homed_at(l, n + 40)).collect();
+        for &p in &near {
+            assert!(insert(p, meta_of(0)));
+        }
+        let far = homed_at(l, 50);
+        let absent = homed_at(l, 51);
+        assert!(insert(far, meta_of(9)));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (mut missed, mut found_absent) = (0, 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = near[n % near.len()];
+                    assert!(remove(p).is_some());
+                    assert!(insert(p, meta_of(0)));
+                    n += 1;
+                }
+            });
+            for _ in 0..200_000 {
+                missed += usize::from(!contains(far));
+                found_absent += usize::from(contains(absent));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(missed, 0, "lookups that missed a tracked pointer");
+        assert_eq!(found_absent, 0, "lookups that found an absent pointer");
+        assert_eq!(remove(far).map(|m| m.size), Some(9));
+        for &p in &near {
+            assert!(remove(p).is_some());
+        }
+        check_stripe(l);
+    }
 }
