@@ -19,7 +19,14 @@ RUNS=${RUNS:-31}
 SCALE=${SCALE:-0.1}
 FP_FLAGS="-C force-frame-pointers=yes"
 
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(rustc --version)"
+# The code measured: the commit, marked "+ uncommitted changes" when the tree differs from it
+# (a runs file must say which code it measured).
+if code=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD -- .. || code="$code + uncommitted changes"
+else
+    code="unknown (not a git checkout)"
+fi
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(rustc --version); code of $code; \`benches/run.sh $what\`"
 
 cargo build -q --release --bins
 RUSTFLAGS="$FP_FLAGS" CARGO_TARGET_DIR=target-fp cargo build -q --release --bins
