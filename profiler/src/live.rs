@@ -6,11 +6,11 @@
 //!
 //! * **Readers** (every free and realloc) hash the pointer and first test one bit of an
 //!   8 KiB filter (65536 bits, one per cache line of the table, set while any tracked
-//!   pointer has its home slot in that line). The filter stays in the L1 cache, so the
-//!   common answer — not sampled — costs one cached load. Only when the bit is set (the
-//!   pointer is sampled, or shares a line with one: about `live / 65536` of frees) do they
-//!   probe the slots with plain atomic loads until they find it or an empty slot. No lock,
-//!   no read-modify-write.
+//!   pointer has that line as its home). The filter is small enough to stay in the L1 or
+//!   L2 cache, so the common answer — not sampled — costs one cached load. Only when the
+//!   bit is set (the pointer is sampled, or shares a home line with one: about
+//!   `live / 65536` of frees) do they look the pointer up, line by line (below), with
+//!   plain atomic loads. No lock, no read-modify-write.
 //! * **Writers** (sampled allocations and frees of sampled objects, one per 512 KiB on
 //!   average) are serialized per *stripe*: the table is [`STRIPES`] independent
 //!   open-addressing tables (a pointer's stripe is given by the top bits of its hash, and
@@ -20,10 +20,11 @@
 //!   spent a tenth of their time passing its cache line back and forth.
 //!
 //! The table is laid out in 64-byte lines of two slots: both pointers, both slots'
-//! metadata, and the count behind the line's filter bit. A sampled object's insertion,
-//! its free's probe and its removal then all touch one line (two if its probe runs on),
-//! where separate arrays for pointers, metadata and filter counts cost three cache misses
-//! each time in a program that keeps the cache busy.
+//! metadata, the count behind the line's filter bit and the line's `passed` count. A
+//! sampled object's insertion, its free's probe and its removal then all touch one line
+//! (more only if its probe runs on), where separate arrays for pointers, metadata and
+//! filter counts cost three cache misses each time in a program that keeps the cache
+//! busy.
 //!
 //! Lookups go line by line: a pointer's home is a line, it is stored in the first line
 //! of its stripe from there on with a free slot, and every line it passed on the way
@@ -99,7 +100,7 @@ struct Line {
     passed: AtomicU32,
     /// Written and read only under the lock of the line's stripe.
     meta: UnsafeCell<[LiveMeta; 2]>,
-    /// Tracked pointers whose home slot is in this line; the line's filter bit is set iff
+    /// Tracked pointers whose home is this line; the line's filter bit is set iff
     /// it is not zero. Written and read only under the lock of the line's stripe.
     count: UnsafeCell<u32>,
 }
