@@ -35,21 +35,6 @@ fn live_set_full_again(out: &mut Vec<Option<Box<[u8; 40]>>>, n: usize) {
     out.extend((0..n).map(|i| Some(black_box(Box::new([i as u8; 40])))));
 }
 
-/// The heap profile's four values summed over stacks through `function`.
-fn profile_of(function: &str) -> [i64; 4] {
-    let profile = common::decode(&allocprof::heap_pprof());
-    let suffix = format!("::{function}");
-    let mut sum = [0i64; 4];
-    for (stack, values) in common::stacks(&profile) {
-        if stack.split(';').any(|f| f.ends_with(&suffix)) {
-            for (s, v) in sum.iter_mut().zip(&values) {
-                *s += v;
-            }
-        }
-    }
-    sum
-}
-
 /// Frees the blocks in a scrambled order (a fixed permutation), so that removals come
 /// out of every position of the chains. The vector itself stays allocated.
 fn free_scrambled<T>(slots: &mut [Option<T>]) {
@@ -87,7 +72,8 @@ fn live_set_overfilled_then_emptied() {
         untracked as usize >= OVERFILL - allocprof::MAX_LIVE,
         "{untracked} untracked"
     );
-    let [alloc_objects, alloc_space, inuse_objects, _] = profile_of("live_set_full_fill");
+    let [alloc_objects, alloc_space, inuse_objects, _] =
+        common::heap_values_through("live_set_full_fill");
     assert_eq!(alloc_objects, OVERFILL as i64, "every allocation sampled");
     assert_eq!(alloc_space, 24 * OVERFILL as i64);
     assert_eq!(inuse_objects, OVERFILL as i64);
@@ -100,7 +86,7 @@ fn live_set_overfilled_then_emptied() {
     );
     // Frees of untracked samples cannot be credited: they stay in use in the profile,
     // as the README says. Every tracked one was credited.
-    let fill = profile_of("live_set_full_fill");
+    let fill = common::heap_values_through("live_set_full_fill");
     let fill_untracked = fill[2];
     assert!(
         fill_untracked > 0 && fill_untracked as u64 <= untracked,
@@ -113,7 +99,7 @@ fn live_set_overfilled_then_emptied() {
     let s3 = allocprof::stats();
     assert_eq!(s3.untracked_samples, s2.untracked_samples, "room again");
     assert_eq!(
-        profile_of("live_set_full_again"),
+        common::heap_values_through("live_set_full_again"),
         [
             AGAIN as i64,
             40 * AGAIN as i64,
@@ -123,7 +109,7 @@ fn live_set_overfilled_then_emptied() {
     );
     free_scrambled(&mut again);
     assert_eq!(
-        profile_of("live_set_full_again"),
+        common::heap_values_through("live_set_full_again"),
         [AGAIN as i64, 40 * AGAIN as i64, 0, 0],
         "every free credited"
     );

@@ -91,31 +91,6 @@ fn failing<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// The heap profile's values summed over the stacks with a frame named `function` (the
-/// last path segment):
-/// `[alloc_objects, alloc_space, inuse_objects, inuse_space]`.
-fn profile_of(function: &str) -> [i64; 4] {
-    let profile = common::decode(&allocprof::heap_pprof());
-    let mut sum = [0i64; 4];
-    for (stack, values) in common::stacks(&profile) {
-        assert_eq!(values.len(), 4, "sample with {} values", values.len());
-        assert!(
-            values.iter().all(|&v| v >= 0),
-            "negative value in {stack}: {values:?}"
-        );
-        let suffix = format!("::{function}");
-        if stack
-            .split(';')
-            .any(|f| f == function || f.ends_with(&suffix))
-        {
-            for (s, v) in sum.iter_mut().zip(&values) {
-                *s += v;
-            }
-        }
-    }
-    sum
-}
-
 /// Differences of the exact totals between two `stats()` calls.
 #[derive(Debug, PartialEq, Eq)]
 struct Delta {
@@ -216,7 +191,7 @@ fn failed_requests_are_not_recorded(rate: usize) {
         );
     }
     assert_eq!(
-        profile_of("fails_to_allocate"),
+        common::heap_values_through("fails_to_allocate"),
         [0; 4],
         "rate {rate}: failed allocations in the profile"
     );
@@ -256,7 +231,7 @@ fn huge_requests_are_not_recorded(rate: usize) {
             "rate {rate}: a refused request of {size} bytes (align {align}) was recorded"
         );
     }
-    assert_eq!(profile_of("huge_request"), [0; 4]);
+    assert_eq!(common::heap_values_through("huge_request"), [0; 4]);
 }
 
 #[inline(never)]
@@ -289,7 +264,7 @@ fn failed_realloc_keeps_the_block_and_its_sample() {
         assert!(bytes.iter().all(|&b| b == 0x5A), "block changed");
     }
     assert_eq!(
-        profile_of("realloc_victim"),
+        common::heap_values_through("realloc_victim"),
         [1, 100, 1, 100],
         "the block is still sampled and in use after failed reallocs"
     );
@@ -299,7 +274,10 @@ fn failed_realloc_keeps_the_block_and_its_sample() {
     unsafe { std::alloc::dealloc(p, layout) };
     let s1 = allocprof::stats();
     assert_eq!(s1.live_samples + 1, s0.live_samples, "free not credited");
-    assert_eq!(profile_of("realloc_victim"), [1, 100, 0, 0]);
+    assert_eq!(
+        common::heap_values_through("realloc_victim"),
+        [1, 100, 0, 0]
+    );
 }
 
 const HUGE_GRANTED: usize = 5 << 30;
@@ -335,10 +313,10 @@ fn huge_granted_allocation_is_counted() {
         }
     );
     let g = HUGE_GRANTED as i64;
-    assert_eq!(profile_of("huge_granted"), [1, g, 1, g]);
+    assert_eq!(common::heap_values_through("huge_granted"), [1, g, 1, g]);
     // SAFETY: `p` is live with `layout`.
     unsafe { std::alloc::dealloc(p, layout) };
-    assert_eq!(profile_of("huge_granted"), [1, g, 0, 0]);
+    assert_eq!(common::heap_values_through("huge_granted"), [1, g, 0, 0]);
 }
 
 #[inline(never)]
@@ -394,7 +372,7 @@ fn alignments_up_to_one_mebibyte() {
         }
         let expect_n = if rate == 1 { kept.len() as i64 } else { 0 };
         let expect_b = if rate == 1 { kept_bytes as i64 } else { 0 };
-        let before_free = profile_of("aligned_allocation");
+        let before_free = common::heap_values_through("aligned_allocation");
         let s0 = allocprof::stats();
         for &(p, layout) in &kept {
             // SAFETY: `p` is live with `layout` and was filled with its alignment's shift.
@@ -412,7 +390,7 @@ fn alignments_up_to_one_mebibyte() {
             (kept.len() as u64, kept_bytes as u64, -(expect_n)),
             "rate {rate}: frees of aligned blocks"
         );
-        let after_free = profile_of("aligned_allocation");
+        let after_free = common::heap_values_through("aligned_allocation");
         if rate == 1 {
             // Accumulates over the two rates: rate 0 adds nothing.
             assert_eq!(
@@ -501,7 +479,7 @@ fn realloc_grows_and_shrinks() {
                     expect_first[0] += 1;
                     expect_first[1] += old as i64;
                 }
-                let first = profile_of("allocated_for_realloc");
+                let first = common::heap_values_through("allocated_for_realloc");
                 assert_eq!(
                     first,
                     [expect_first[0], expect_first[1], 0, 0],
@@ -511,7 +489,7 @@ fn realloc_grows_and_shrinks() {
                     expect[0] += 1;
                     expect[1] += new as i64;
                 }
-                let now = profile_of("reallocated");
+                let now = common::heap_values_through("reallocated");
                 let inuse = if b == 1 { [1, new as i64] } else { [0, 0] };
                 assert_eq!(
                     now,
@@ -583,7 +561,7 @@ fn zero_sized_requests() {
             "rate {rate}: zero-size allocations are counted, with zero bytes"
         );
         assert_eq!(d.live_samples, 0);
-        let values = profile_of("zero_size_direct");
+        let values = common::heap_values_through("zero_size_direct");
         assert_eq!(values[1], 0, "zero-size allocations have no bytes");
         assert_eq!(values[2..], [0, 0], "all freed");
         if rate == 1 {

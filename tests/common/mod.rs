@@ -80,6 +80,31 @@ pub fn stacks(p: &proto::Profile) -> Vec<(String, Vec<i64>)> {
         .collect()
 }
 
+/// The heap profile's four values (alloc objects and bytes, in-use objects and bytes),
+/// summed over the stacks that pass through `function` (a frame named `function` or
+/// ending in `::function`). Panics on a sample without four values or with a negative one.
+pub fn heap_values_through(function: &str) -> [i64; 4] {
+    let profile = decode(&allocprof::heap_pprof());
+    let suffix = format!("::{function}");
+    let mut sum = [0i64; 4];
+    for (stack, values) in stacks(&profile) {
+        assert_eq!(values.len(), 4, "sample with {} values", values.len());
+        assert!(
+            values.iter().all(|&v| v >= 0),
+            "negative value in {stack}: {values:?}"
+        );
+        if stack
+            .split(';')
+            .any(|f| f == function || f.ends_with(&suffix))
+        {
+            for (s, v) in sum.iter_mut().zip(&values) {
+                *s += v;
+            }
+        }
+    }
+    sum
+}
+
 /// Writes `bytes` to a fresh temporary file, `allocprof-test-<pid>-<n>-<name>`, and returns
 /// its path; the file is removed when the returned value is dropped, so keep it alive for
 /// as long as the path is used.
