@@ -5,27 +5,13 @@ use allocprof::pprof::proto;
 use std::io::Read;
 use std::process::Command;
 
+pub mod profile_tools;
 pub mod runner;
 pub mod temp;
 
+#[allow(unused_imports)] // not every test binary uses both
+pub use profile_tools::{decode, have_go};
 pub use temp::TempPath;
-
-/// Whether `go` is on PATH. When it is not: returns `false` after printing a notice, or
-/// panics if `ALLOCPROF_REQUIRE_GO=1` (CI sets it, so go-dependent tests cannot skip there).
-pub fn have_go() -> bool {
-    let ok = Command::new("go")
-        .arg("version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("ALLOCPROF_REQUIRE_GO").as_deref() == Ok("1") {
-            panic!("`go` is required (ALLOCPROF_REQUIRE_GO=1) but not found on PATH");
-        }
-        eprintln!("SKIPPED: `go` not found; install golang-go to run the go tool pprof checks");
-    }
-    ok
-}
 
 /// Runs `go tool pprof ARGS…` and returns stdout; panics with stderr on failure.
 pub fn go_pprof(args: &[&str]) -> String {
@@ -43,16 +29,6 @@ pub fn go_pprof(args: &[&str]) -> String {
         out.status
     );
     stdout
-}
-
-/// Gunzips and decodes a profile.
-pub fn decode(gz: &[u8]) -> proto::Profile {
-    assert_eq!(&gz[..2], &[0x1f, 0x8b], "not gzip");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut raw)
-        .expect("gunzip");
-    prost::Message::decode(raw.as_slice()).expect("decode profile.proto")
 }
 
 /// A string of the decoded profile's string table.

@@ -9,9 +9,13 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
+#[path = "../../../tests/common/profile_tools.rs"]
+pub mod profile_tools;
 #[path = "../../../tests/common/temp.rs"]
 pub mod temp;
 
+#[allow(unused_imports)] // not every test binary uses both
+pub use profile_tools::{decode, have_go};
 pub use temp::TempPath;
 
 /// How long a test waits on a socket before failing instead of hanging.
@@ -150,39 +154,12 @@ pub fn finish_writing(s: &TcpStream) {
     let _ = s.shutdown(Shutdown::Write);
 }
 
-/// Gunzips and decodes a profile.
-pub fn decode(gz: &[u8]) -> proto::Profile {
-    assert!(gz.len() > 2 && gz[..2] == [0x1f, 0x8b], "not gzip");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut raw)
-        .expect("gunzip");
-    prost::Message::decode(raw.as_slice()).expect("decode profile.proto")
-}
-
 /// Every function name in a decoded profile.
 pub fn function_names(p: &proto::Profile) -> Vec<String> {
     p.function
         .iter()
         .map(|f| p.string_table[f.name as usize].clone())
         .collect()
-}
-
-/// Whether `go` is on PATH. When it is not: `false` after printing a notice, or a
-/// panic if `ALLOCPROF_REQUIRE_GO=1` (CI sets it, so these checks cannot skip there).
-pub fn have_go() -> bool {
-    let ok = Command::new("go")
-        .arg("version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("ALLOCPROF_REQUIRE_GO").as_deref() == Ok("1") {
-            panic!("`go` is required (ALLOCPROF_REQUIRE_GO=1) but not found on PATH");
-        }
-        eprintln!("SKIPPED: `go` not found; install golang-go to run the go tool pprof checks");
-    }
-    ok
 }
 
 /// Runs `go tool pprof ARGS…` with a private `PPROF_TMPDIR` (where it saves the profiles
