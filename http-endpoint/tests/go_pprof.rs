@@ -5,7 +5,7 @@
 mod common;
 
 use allocprof_http::{Config, Server};
-use common::{go_pprof, have_go, workload};
+use common::{go_pprof_with_stderr, have_go, workload};
 use std::alloc::System;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,7 @@ fn top_of_heap_and_allocs_over_http() {
         return;
     };
     let url = base_url();
-    let (top, _) = go_pprof(&["-top", &format!("{url}/heap")]);
+    let (top, _) = go_pprof_with_stderr(&["-top", &format!("{url}/heap")]);
     println!("go tool pprof -top {url}/heap\n{top}");
     assert!(top.contains("Type: inuse_space"), "{top}");
     assert!(
@@ -52,7 +52,7 @@ fn top_of_heap_and_allocs_over_http() {
         "freed memory is not in use:\n{top}"
     );
 
-    let (top, _) = go_pprof(&["-top", &format!("{url}/allocs")]);
+    let (top, _) = go_pprof_with_stderr(&["-top", &format!("{url}/allocs")]);
     println!("go tool pprof -top {url}/allocs\n{top}");
     assert!(top.contains("Type: alloc_space"), "{top}");
     assert!(top.contains("common::endpoint_test_churn_strings"), "{top}");
@@ -61,7 +61,7 @@ fn top_of_heap_and_allocs_over_http() {
         "{top}"
     );
 
-    let (top, _) = go_pprof(&[
+    let (top, _) = go_pprof_with_stderr(&[
         "-top",
         "-sample_index=alloc_objects",
         &format!("{url}/allocs"),
@@ -92,7 +92,7 @@ fn seconds_gives_a_delta() {
         s.spawn(|| endpoint_test_allocating_during_delta(&stop));
         // Stops the allocator on every way out, a failed `go tool pprof` too.
         let _stop = common::StopOnDrop(&stop);
-        go_pprof(&[
+        go_pprof_with_stderr(&[
             "-seconds",
             "2",
             "-top",
@@ -128,12 +128,12 @@ fn legacy_text_over_http() {
     // pprof parses the text (records and memory map). Asked to symbolize remotely, it
     // posts the addresses to /debug/pprof/symbol and names them from our answers.
     let target = format!("{url}/heap?debug=1");
-    let (top, stderr) = go_pprof(&["-symbolize=remote", "-top", &target]);
+    let (top, stderr) = go_pprof_with_stderr(&["-symbolize=remote", "-top", &target]);
     println!("go tool pprof -symbolize=remote -top {target}\n{stderr}{top}");
     assert!(top.contains("Type: inuse_space"), "{top}");
     assert!(top.contains("endpoint_test_retained_blocks"), "{top}");
 
-    let (raw, _) = go_pprof(&["-raw", "-symbolize=none", &target]);
+    let (raw, _) = go_pprof_with_stderr(&["-raw", "-symbolize=none", &target]);
     assert!(raw.contains("PeriodType: space bytes"), "{raw}");
     assert!(raw.contains("Period: 4096"), "{raw}");
 }
@@ -151,7 +151,7 @@ fn pprof_follows_clean_path_redirects() {
         format!("http://{addr}//debug/pprof/heap"),
         format!("http://{addr}/debug/pprof/./x/../%68eap"),
     ] {
-        let (top, stderr) = go_pprof(&["-top", &target]);
+        let (top, stderr) = go_pprof_with_stderr(&["-top", &target]);
         assert!(top.contains("Type: inuse_space"), "{target}: {stderr}{top}");
         assert!(
             top.contains("common::endpoint_test_retained_blocks"),

@@ -3,33 +3,14 @@
 
 use allocprof::pprof::proto;
 use std::io::Read;
-use std::process::Command;
 
 pub mod profile_tools;
 pub mod runner;
 pub mod temp;
 
-#[allow(unused_imports)] // not every test binary uses both
-pub use profile_tools::{decode, have_go};
+#[allow(unused_imports)] // not every test binary uses them all
+pub use profile_tools::{decode, go_pprof, have_go};
 pub use temp::TempPath;
-
-/// Runs `go tool pprof ARGS…` and returns stdout; panics with stderr on failure.
-pub fn go_pprof(args: &[&str]) -> String {
-    let out = Command::new("go")
-        .arg("tool")
-        .arg("pprof")
-        .args(args)
-        .output()
-        .expect("run go tool pprof");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "go tool pprof {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    stdout
-}
 
 /// A string of the decoded profile's string table.
 pub fn string(p: &proto::Profile, i: i64) -> &str {

@@ -1,7 +1,8 @@
-//! Checks shared with `http-endpoint/tests`: whether `go` is there, and decoding a
-//! gzipped profile. The including module provides `proto` (the profile's generated types).
+//! Helpers shared with `http-endpoint/tests`: whether `go` is there, running `go tool
+//! pprof`, decoding a gzipped profile. The including module provides `proto` (the
+//! profile's generated types) and `TempPath`.
 
-use super::proto;
+use super::{proto, TempPath};
 use std::io::Read;
 use std::process::Command;
 
@@ -30,4 +31,31 @@ pub fn decode(gz: &[u8]) -> proto::Profile {
         .read_to_end(&mut raw)
         .expect("gunzip");
     prost::Message::decode(raw.as_slice()).expect("decode profile.proto")
+}
+
+/// Runs `go tool pprof ARGS…` with a private `PPROF_TMPDIR` (where it saves the profiles
+/// it fetched; one directory per call, removed on return) and returns stdout and stderr;
+/// panics with both on failure.
+pub fn go_pprof_with_stderr(args: &[&str]) -> (String, String) {
+    let tmp = TempPath::dir("allocprof-pprof-tmpdir");
+    let out = Command::new("go")
+        .arg("tool")
+        .arg("pprof")
+        .args(args)
+        .env("PPROF_TMPDIR", tmp.as_os_str())
+        .output()
+        .expect("run go tool pprof");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
+/// Runs `go tool pprof ARGS…` as [`go_pprof_with_stderr`] does and returns its stdout.
+pub fn go_pprof(args: &[&str]) -> String {
+    go_pprof_with_stderr(args).0
 }

@@ -6,7 +6,6 @@ use allocprof_core::pprof::proto;
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 #[path = "../../../tests/common/profile_tools.rs"]
@@ -14,8 +13,8 @@ pub mod profile_tools;
 #[path = "../../../tests/common/temp.rs"]
 pub mod temp;
 
-#[allow(unused_imports)] // not every test binary uses both
-pub use profile_tools::{decode, have_go};
+#[allow(unused_imports)] // not every test binary uses them all
+pub use profile_tools::{decode, go_pprof_with_stderr, have_go};
 pub use temp::TempPath;
 
 /// How long a test waits on a socket before failing instead of hanging.
@@ -160,28 +159,6 @@ pub fn function_names(p: &proto::Profile) -> Vec<String> {
         .iter()
         .map(|f| p.string_table[f.name as usize].clone())
         .collect()
-}
-
-/// Runs `go tool pprof ARGS…` with a private `PPROF_TMPDIR` (where it saves the profiles
-/// it fetched; one directory per call, removed on return) and returns stdout and stderr;
-/// panics with both on failure.
-pub fn go_pprof(args: &[&str]) -> (String, String) {
-    let tmp = TempPath::dir("allocprof-http-pprof");
-    let out = Command::new("go")
-        .arg("tool")
-        .arg("pprof")
-        .args(args)
-        .env("PPROF_TMPDIR", tmp.as_os_str())
-        .output()
-        .expect("run go tool pprof");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "go tool pprof {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    (stdout, stderr)
 }
 
 /// Keeps 4 MiB alive in 4 KiB blocks: in the heap profile's `inuse_space`.
