@@ -5,7 +5,7 @@
 mod common;
 
 use allocprof_http::{Config, Server};
-use common::{go_pprof_with_stderr, have_go, workload};
+use common::{go_pprof, go_pprof_with_stderr, have_go, workload};
 use std::alloc::System;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,7 @@ fn top_of_heap_and_allocs_over_http() {
         return;
     };
     let url = base_url();
-    let (top, _) = go_pprof_with_stderr(&["-top", &format!("{url}/heap")]);
+    let top = go_pprof(&["-top", &format!("{url}/heap")]);
     println!("go tool pprof -top {url}/heap\n{top}");
     assert!(top.contains("Type: inuse_space"), "{top}");
     assert!(
@@ -52,7 +52,7 @@ fn top_of_heap_and_allocs_over_http() {
         "freed memory is not in use:\n{top}"
     );
 
-    let (top, _) = go_pprof_with_stderr(&["-top", &format!("{url}/allocs")]);
+    let top = go_pprof(&["-top", &format!("{url}/allocs")]);
     println!("go tool pprof -top {url}/allocs\n{top}");
     assert!(top.contains("Type: alloc_space"), "{top}");
     assert!(top.contains("common::endpoint_test_churn_strings"), "{top}");
@@ -61,7 +61,7 @@ fn top_of_heap_and_allocs_over_http() {
         "{top}"
     );
 
-    let (top, _) = go_pprof_with_stderr(&[
+    let top = go_pprof(&[
         "-top",
         "-sample_index=alloc_objects",
         &format!("{url}/allocs"),
@@ -133,7 +133,7 @@ fn legacy_text_over_http() {
     assert!(top.contains("Type: inuse_space"), "{top}");
     assert!(top.contains("endpoint_test_retained_blocks"), "{top}");
 
-    let (raw, _) = go_pprof_with_stderr(&["-raw", "-symbolize=none", &target]);
+    let raw = go_pprof(&["-raw", "-symbolize=none", &target]);
     assert!(raw.contains("PeriodType: space bytes"), "{raw}");
     assert!(raw.contains("Period: 4096"), "{raw}");
 }

@@ -14,7 +14,7 @@ pub mod profile_tools;
 pub mod temp;
 
 #[allow(unused_imports)] // not every test binary uses them all
-pub use profile_tools::{decode, go_pprof_with_stderr, have_go};
+pub use profile_tools::{decode, go_pprof, go_pprof_with_stderr, have_go};
 pub use temp::TempPath;
 
 /// How long a test waits on a socket before failing instead of hanging.
