@@ -261,6 +261,12 @@ fn probe(ptr: usize) -> bool {
     find(ptr, |l| l.passed.load(Ordering::Acquire)).is_some()
 }
 
+/// A line's `passed` as a writer reads it, under the lock of the line's stripe (the only
+/// place it changes).
+fn passed_locked(l: &Line) -> u32 {
+    l.passed.load(Ordering::Relaxed)
+}
+
 /// The line and slot holding `ptr`, searching from its home line while the lines it
 /// misses in were passed by some probe (`passed` reads a line's count). Bounded: at most
 /// every line of the stripe.
@@ -348,8 +354,7 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
-    let relaxed = |t: &Line| t.passed.load(Ordering::Relaxed);
-    if let Some((l, s)) = find(ptr, relaxed) {
+    if let Some((l, s)) = find(ptr, passed_locked) {
         // Cannot happen for a correct program (the inner allocator returned a pointer
         // that is still live); keep the newer record.
         *meta(w, l, s) = m;
@@ -386,7 +391,7 @@ pub(crate) fn remove(ptr: usize) -> Option<LiveMeta> {
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
-    let (l, s) = find(ptr, |t| t.passed.load(Ordering::Relaxed))?;
+    let (l, s) = find(ptr, passed_locked)?;
     let m = *meta(w, l, s);
     w.live -= 1;
     st.live.store(w.live, Ordering::Relaxed);
@@ -500,18 +505,15 @@ mod tests {
             (0..2).any(|s| ptrs.contains(&line(3 * STRIPE_LINES).keys[s].load(Ordering::Relaxed)))
         );
         assert!(line(l).passed.load(Ordering::Relaxed) >= 5);
-        for &i in &[3, 0, 6, 1, 5, 2, 4] {
+        let order = [3, 0, 6, 1, 5, 2, 4];
+        for (k, &i) in order.iter().enumerate() {
             let m = remove(ptrs[i]).expect("tracked");
             assert_eq!(m.size, i as u64, "its own record");
             assert!(!contains(ptrs[i]));
             assert!(remove(ptrs[i]).is_none());
             check_stripe(l);
             for (j, &p) in ptrs.iter().enumerate() {
-                let gone = [3, 0, 6, 1, 5, 2, 4]
-                    .iter()
-                    .take_while(|&&k| k != i)
-                    .any(|&k| k == j)
-                    || j == i;
+                let gone = order[..=k].contains(&j);
                 assert_eq!(contains(p), !gone, "pointer {j} after removing {i}");
             }
         }
