@@ -6,9 +6,10 @@
 //! allocator itself must not panic). Checked, at rate 1 (every allocation sampled) and
 //! across rate switches:
 //!
-//! * a sampled block with an alignment of at most 16 is handed out at an address that is
-//!   1008 modulo 1024, inside a block 1 KiB larger that the inner allocator returned, and
-//!   given back as that block; a more aligned one is handed out where it lies;
+//! * a sampled block under 64 KiB with an alignment of at most 16 is handed out at an
+//!   address that is 1008 modulo 1024, inside a block 1 KiB larger that the inner
+//!   allocator returned, and given back as that block; a larger or more aligned one is
+//!   handed out where it lies;
 //! * `alloc_zeroed` zeroes what the caller gets; `realloc` keeps the contents whether the
 //!   old and new blocks are sampled or not, growing and shrinking;
 //! * every free is credited: the live samples and the inner allocator's live blocks come
@@ -167,6 +168,12 @@ fn last() -> (usize, usize, usize) {
     LAST.with(Cell::get)
 }
 
+/// Whether a sampled block of this size and alignment is placed: under 64 KiB, aligned
+/// to at most 16.
+fn placeable(size: usize, align: usize) -> bool {
+    size < 64 * 1024 && align <= 16
+}
+
 /// Allocates `layout` through the profiler, checks where it lies in what the inner
 /// allocator returned, fills it with a pattern and returns it.
 fn allocate_checked(layout: Layout, zeroed: bool, sampled: bool) -> *mut u8 {
@@ -181,7 +188,7 @@ fn allocate_checked(layout: Layout, zeroed: bool, sampled: bool) -> *mut u8 {
     assert!(!p.is_null());
     assert_eq!(p as usize % layout.align(), 0, "{layout:?}: misaligned");
     let (base, size, align) = last();
-    if sampled && layout.align() <= 16 {
+    if sampled && placeable(layout.size(), layout.align()) {
         assert_eq!(p as usize % 1024, 1008, "{layout:?}: placed");
         assert_eq!(
             (size, align),
@@ -234,7 +241,8 @@ fn sampled_blocks_are_placed_and_given_back_as_the_inner_allocator_returned_them
     let s0 = allocprof::stats();
     COUNTED.with(|c| c.set(true));
     allocprof::set_sample_rate(1);
-    let sizes = [1, 24, 1000, 1024, 4096, 70_000, 300_000];
+    // 20 000 bytes cross the 64 KiB limit of placed blocks both ways in the reallocs.
+    let sizes = [1, 24, 1000, 1024, 4096, 20_000, 70_000, 300_000];
     let aligns = [1, 8, 16, 32, 4096];
     let mut live = Vec::with_capacity(sizes.len() * aligns.len() * 2);
     for &size in &sizes {
@@ -258,7 +266,7 @@ fn sampled_blocks_are_placed_and_given_back_as_the_inner_allocator_returned_them
             *p = reallocate_checked(*p, *layout, new_size);
             *layout = Layout::from_size_align(new_size, layout.align()).unwrap();
             let (base, size, _) = last();
-            if rate == 1 && layout.align() <= 16 {
+            if rate == 1 && placeable(new_size, layout.align()) {
                 assert_eq!(*p as usize % 1024, 1008, "realloc into a placed block");
                 assert_eq!(size, new_size + 1024);
                 assert!(base <= *p as usize);

@@ -85,12 +85,12 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // A tracked pointer is either placed (its address in the class [`place::marked`]
-        // tests) or has an alignment above 16; everything else is certainly not tracked,
-        // told from the pointer and layout alone, with no memory read. The tests run
-        // unconditionally (`|`, not `||`) so that the common case is one predictable
-        // branch, and both outcomes end in a tail call: the fast path needs no stack frame.
+        // tests) or a block that is never placed (large, or more aligned than 16);
+        // everything else is certainly not tracked, told from the pointer and layout
+        // alone, with no memory read: four compares, each branch almost never taken, and
+        // both outcomes end in a tail call, so the fast path needs no stack frame.
         if place::marked(ptr as usize)
-            | (layout.align() > place::MAX_ALIGN)
+            | place::never_placed(layout)
             | thread::on_free(layout.size())
         {
             // SAFETY: forwarded unchanged.
@@ -113,17 +113,22 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Profiler<A> {
 /// the live set's filter for that costs a hash and a load on every free (in churn the
 /// load missed L1 on most frees); with the test below instead, small strings ran 1.7
 /// points faster with sampling off (`benches/runs/2026-12-02-0717-free-without-filter.txt`,
-/// a scratch build). So a sampled block
-/// whose alignment is at most 16 is asked of the inner allocator `PAD` bytes larger, and
-/// handed out at the address in it that is [`MARK`] modulo `PAD`. Only pointers of that
-/// class (one 16-aligned address in 64), and pointers with a larger alignment (which are
-/// tracked where they lie), go on to the live set; the rest are answered from the pointer
-/// and layout alone.
+/// a scratch build). So a sampled block smaller than [`MAX_SIZE`] whose alignment is at
+/// most 16 is asked of the inner allocator `PAD` bytes larger, and handed out at the
+/// address in it that is [`MARK`] modulo `PAD`. Only pointers of that class (one
+/// 16-aligned address in 64), and blocks that are never placed (tracked where they lie),
+/// go on to the live set; the rest are answered from the pointer and layout alone.
+///
+/// Large blocks are not placed: their frees are few and dear anyway, so the live set's
+/// test costs them little, and placing them cost large buffers about 4 points (their
+/// pages faulted and the program's writes ran slower; `benches/runs/2026-12-02-0815-placed.txt`).
+/// A vector that grows past `MAX_SIZE` is then resized by the inner allocator where it lies
+/// (`mremap` for glibc's largest blocks).
 ///
 /// The price is at most `PAD` bytes a live sampled object (one per [`crate::sample_rate`]
-/// bytes of the live heap, so about 0.2% of it at the default rate), reported in
-/// `Stats::profiler_bytes`, and a copy where a realloc moves a block into or out of its
-/// padding.
+/// bytes of the live heap, so at most about 0.2% of it at the default rate), reported in
+/// `Stats::profiler_bytes`, and a copy (of less than `MAX_SIZE`) where a realloc moves a
+/// block into or out of its padding.
 pub(crate) mod place {
     use std::alloc::Layout;
 
@@ -134,6 +139,9 @@ pub(crate) mod place {
     pub(crate) const MARK: usize = PAD - 16;
     /// The largest alignment a placed address satisfies.
     pub(crate) const MAX_ALIGN: usize = 16;
+    /// Blocks of this size or more are never placed.
+    pub(crate) const MAX_SIZE: usize = 64 * 1024;
+    const _: () = assert!(MAX_SIZE.is_power_of_two() && MAX_ALIGN.is_power_of_two());
 
     /// Whether `ptr` is in the placed class. No memory access.
     #[inline(always)]
@@ -141,13 +149,24 @@ pub(crate) mod place {
         ptr % PAD == MARK
     }
 
+    /// Whether blocks of `layout` are never placed (too aligned, or large), so that a
+    /// sampled one is tracked where it lies and every free of one asks the live set.
+    ///
+    /// Written as one test of two shifted words (the constants are powers of two): as two
+    /// compares, LLVM gave the free two more branches, and small strings ran 2 points
+    /// slower (`benches/runs/2026-12-02-0815-placed.txt`).
+    #[inline(always)]
+    pub(crate) fn never_placed(layout: Layout) -> bool {
+        ((layout.size() / MAX_SIZE) | (layout.align() / (2 * MAX_ALIGN))) != 0
+    }
+
     /// The layout to ask the inner allocator for, for a sampled `layout`; `None` if the
-    /// block cannot be placed (too aligned, or too large to pad).
+    /// block is never placed.
     pub(crate) fn padded(layout: Layout) -> Option<Layout> {
-        if layout.align() > MAX_ALIGN {
+        if never_placed(layout) {
             return None;
         }
-        Layout::from_size_align(layout.size().checked_add(PAD)?, layout.align()).ok()
+        Layout::from_size_align(layout.size() + PAD, layout.align()).ok()
     }
 
     /// The offset in a padded block starting at `base` of its placed address: less than
@@ -176,11 +195,20 @@ pub(crate) mod place {
         }
 
         #[test]
-        fn only_small_alignments_are_padded() {
-            let l = Layout::from_size_align(100, 16).unwrap();
-            assert_eq!(padded(l).map(|p| p.size()), Some(100 + PAD));
-            assert!(padded(Layout::from_size_align(100, 32).unwrap()).is_none());
-            assert!(padded(Layout::from_size_align(isize::MAX as usize - 8, 8).unwrap()).is_none());
+        fn only_small_blocks_with_small_alignments_are_padded() {
+            let layout = |size, align| Layout::from_size_align(size, align).unwrap();
+            assert_eq!(padded(layout(100, 16)).map(|p| p.size()), Some(100 + PAD));
+            assert_eq!(
+                padded(layout(MAX_SIZE - 1, 1)).map(|p| p.size()),
+                Some(MAX_SIZE - 1 + PAD)
+            );
+            for l in [
+                layout(100, 32),
+                layout(MAX_SIZE, 8),
+                layout(isize::MAX as usize - 8, 8),
+            ] {
+                assert!(padded(l).is_none() && never_placed(l), "{l:?}");
+            }
         }
     }
 }
@@ -296,7 +324,7 @@ unsafe fn alloc_sampled<A: GlobalAlloc>(
             }
             return plain;
         }
-        // Too large with the padding, perhaps not without: the sample goes untracked.
+        // The padded block failed, perhaps not the caller's: the sample goes untracked.
     }
     // SAFETY: the caller's contract.
     let ptr = unsafe { inner_alloc(inner, layout, zeroed) };
@@ -326,16 +354,16 @@ enum Track {
 
 /// Records the sampled block `ptr` of `size` bytes under the reentrancy mark and in a
 /// hidden region: in the stack table, and in the live set if it can be tracked. A placed
-/// block can; an unplaced one only if it is more aligned than a placed one, since only
-/// those two kinds of free reach the live set (see `dealloc`). `None` if the thread is
-/// already marked (then nothing is recorded).
+/// block can; an unplaced one only if its layout is never placed, since only those two
+/// kinds of free reach the live set (see `dealloc`). `None` if the thread is already
+/// marked (then nothing is recorded).
 fn record(ptr: *mut u8, size: usize, rate: usize, marker: usize, track: Track) -> Option<Recorded> {
     let _mark = ReentrancyGuard::enter()?;
     let _hidden = thread::Region::hidden();
     let (stack, weight) = sample(ptr as usize, size, rate, marker);
     let offset = match track {
         Track::Placed(off) => Some(Some(off)),
-        Track::Unplaced(layout) => (layout.align() > place::MAX_ALIGN).then_some(None),
+        Track::Unplaced(layout) => place::never_placed(layout).then_some(None),
     };
     let tracked = match offset {
         Some(offset) => live::insert(ptr as usize, LiveMeta::new(stack, weight, offset)),
@@ -583,8 +611,8 @@ unsafe fn realloc_sampled<A: GlobalAlloc>(
             return new;
         }
     }
-    // Not placeable (a large alignment, too large to pad, or the padded block failed):
-    // resized where the inner allocator puts it.
+    // Never placed (large, or more aligned than 16), or the padded block failed: resized
+    // where the inner allocator puts it.
     // SAFETY: the caller's contract.
     let new = unsafe { realloc_plain(inner, ptr, layout, old, new_layout) };
     if !new.is_null() {
