@@ -439,9 +439,13 @@ unsafe fn dealloc_slow<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) 
 
 /// A realloc: for sampling, the free of the old block and the allocation of the new one.
 ///
-/// The old record is taken out first (see `dealloc_slow`) and put back if the inner
-/// allocator fails, in which case the old block is untouched and still live. A block that
-/// is placed, or is to be, is not resized by the inner allocator: the new block is
+/// The old block's record is taken out before the old block goes back to the inner
+/// allocator (see `dealloc_slow`): first, if the inner allocator frees the old block
+/// itself (a resize in place), and then put back if it fails, in which case the old block
+/// is untouched and still live; just before the old block is freed, if it is placed.
+/// Then a failure leaves a placed block's record where it was: a placed block must stay
+/// tracked, and putting a record back can find the live set full. A block that is
+/// placed, or is to be, is not resized by the inner allocator: the new block is
 /// allocated, the contents copied, and the old one freed.
 ///
 /// # Safety
@@ -456,7 +460,7 @@ unsafe fn realloc_slow<A: GlobalAlloc>(
 ) -> *mut u8 {
     let marker = 0u8;
     let old = if live::contains(ptr as usize) {
-        live::remove(ptr as usize)
+        live::remove_unless_placed(ptr as usize)
     } else {
         None
     };
@@ -483,7 +487,7 @@ unsafe fn realloc_slow<A: GlobalAlloc>(
     };
     if new.is_null() {
         thread::uncount_alloc(new_size);
-        if let Some(meta) = old {
+        if let Some(meta) = old.filter(|m| m.offset().is_none()) {
             live::insert(ptr as usize, meta);
         }
         return new;
@@ -531,14 +535,21 @@ unsafe fn realloc_plain<A: GlobalAlloc>(
     }
 }
 
-/// Allocates `new_layout` from `inner`, copies `len` bytes from `from` into it, and frees
-/// the old block `base` (with `inner_layout`). Null, freeing nothing, if the inner
-/// allocator fails.
+/// Stops tracking the placed block `ptr` of a realloc, just before its padded block goes
+/// back to the inner allocator (see `realloc_slow`).
+fn forget_placed(ptr: *mut u8) {
+    live::remove(ptr as usize);
+}
+
+/// Allocates `new_layout` from `inner`, copies `len` bytes from `from` into it, stops
+/// tracking the placed block `from`, and frees its padded block `base` (with
+/// `inner_layout`). Null, freeing nothing, if the inner allocator fails.
 ///
 /// # Safety
 ///
-/// `from .. from + len` lies inside the live block `base` that `inner` returned for
-/// `inner_layout`; `new_layout` has a non-zero size not smaller than `len`.
+/// `from` is a placed block, and `from .. from + len` lies inside its padded block `base`,
+/// which `inner` returned for `inner_layout`; `new_layout` has a non-zero size not smaller
+/// than `len`.
 unsafe fn move_block<A: GlobalAlloc>(
     inner: &A,
     from: *mut u8,
@@ -555,6 +566,7 @@ unsafe fn move_block<A: GlobalAlloc>(
         // block was not handed out, so they do not overlap.
         unsafe {
             std::ptr::copy_nonoverlapping(from, new, len);
+            forget_placed(from);
             inner.dealloc(base, inner_layout);
         }
     }
@@ -595,6 +607,9 @@ unsafe fn realloc_sampled<A: GlobalAlloc>(
                 // handed out, so the two do not overlap.
                 unsafe {
                     std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(size));
+                    if old.is_some_and(|m| m.offset().is_some()) {
+                        forget_placed(ptr);
+                    }
                     inner.dealloc(base, inner_layout);
                 }
                 return new;

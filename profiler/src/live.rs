@@ -413,12 +413,28 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
 
 /// Stops tracking `ptr` and returns what was recorded for it, if it was tracked.
 pub(crate) fn remove(ptr: usize) -> Option<LiveMeta> {
+    remove_if(ptr, |_| true)
+}
+
+/// Returns what was recorded for `ptr`, if it is tracked, and stops tracking it unless
+/// it is placed (see `alloc::place`): for a realloc, which must keep a placed block
+/// tracked until the block is freed.
+pub(crate) fn remove_unless_placed(ptr: usize) -> Option<LiveMeta> {
+    remove_if(ptr, |m| m.offset().is_none())
+}
+
+/// Returns what was recorded for `ptr`, if it is tracked, and stops tracking it if `stop`
+/// says so.
+fn remove_if(ptr: usize, stop: impl FnOnce(&LiveMeta) -> bool) -> Option<LiveMeta> {
     let h = home(ptr);
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
     let (l, s) = find(ptr, passed_locked)?;
     let m = *meta(w, l, s);
+    if !stop(&m) {
+        return Some(m);
+    }
     w.live -= 1;
     st.live.store(w.live, Ordering::Relaxed);
     line(l).keys[s].store(EMPTY, Ordering::Release);
