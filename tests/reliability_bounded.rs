@@ -45,15 +45,6 @@ const FLAT_SLACK: i64 = 256 * 1024;
 /// (`profiler/src/unwind/dwarf.rs`: 8 slots × `SLOT_BYTES` = 59688 bytes on x86_64).
 const UNWINDER_CACHES_MAX: u64 = 8 * 59_688;
 
-/// The padding `Stats::profiler_bytes` counts for each live sampled object (its docs):
-/// it follows the program's live heap, not the profiler's tables.
-const PAD_BYTES: u64 = 1024;
-
-/// `profiler_bytes` without the live samples' padding: the profiler's own structures.
-fn structures(s: &allocprof::Stats) -> u64 {
-    s.profiler_bytes - s.live_samples * PAD_BYTES
-}
-
 /// The documented bound on the stack table's bytes for `max_stacks` stacks.
 fn table_cap(max_stacks: u64) -> u64 {
     max_stacks * (2 * (ENTRY_BYTES + 8 * allocprof::MAX_DEPTH as u64) + 16)
@@ -147,32 +138,29 @@ fn a_million_distinct_stacks_stay_under_the_cap() {
     let samples = end.samples - s0.samples;
     println!(
         "{distinct} distinct stacks, {samples} samples; table full at {} stacks; \
-         profiler_bytes {} when full, {} at the end (cap {cap}; without the live \
-         samples' padding {} and {}); dropped_samples {}; heap growth after the table \
-         filled {} bytes",
+         profiler_bytes {} when full, {} at the end (cap {cap}); \
+         dropped_samples {}; heap growth after the table filled {} bytes",
         full.unique_stacks,
         full.profiler_bytes,
         end.profiler_bytes,
-        structures(&full),
-        structures(&end),
         end.dropped_samples,
         heap_end - heap_full,
     );
     assert!(samples >= distinct, "rate 1 samples every allocation");
     assert_eq!(end.unique_stacks, max_stacks);
     assert!(
-        structures(&end) <= cap,
-        "profiler_bytes {} above the cap {cap} without the padding",
+        end.profiler_bytes <= cap,
+        "profiler_bytes {} above the cap {cap}",
         end.profiler_bytes
     );
     // Once full, only the DWARF unwinder may still create rule caches: lazily, one slot
     // (59688 bytes each) at a time, at most 8 slots in the process.
     assert!(
-        structures(&end) >= structures(&full)
-            && structures(&end) - structures(&full) <= UNWINDER_CACHES_MAX,
-        "profiler memory grew after the table was full: {} -> {} without the padding",
-        structures(&full),
-        structures(&end)
+        end.profiler_bytes >= full.profiler_bytes
+            && end.profiler_bytes - full.profiler_bytes <= UNWINDER_CACHES_MAX,
+        "profiler memory grew after the table was full: {} -> {}",
+        full.profiler_bytes,
+        end.profiler_bytes
     );
     assert!(
         heap_end - heap_full <= FLAT_SLACK,

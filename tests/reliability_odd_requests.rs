@@ -4,9 +4,7 @@
 //! demand, on the calling thread only, and that counts what reaches it. Checked:
 //!
 //! * a failed `alloc`, `alloc_zeroed` or `realloc` returns null through the profiler and
-//!   records nothing: not counted in the exact totals, not sampled, not in the profile
-//!   (a sampled request under 64 KiB fails twice: for its padded block, then for its
-//!   own layout);
+//!   records nothing: not counted in the exact totals, not sampled, not in the profile;
 //!   after a failed `realloc` the old block is intact and still tracked;
 //! * huge requests the system refuses (up to `isize::MAX`) are not recorded; a huge one
 //!   it grants (5 GiB, untouched) is counted and sampled at its full size;
@@ -34,17 +32,14 @@ struct Failing;
 thread_local! {
     /// While set, every allocation request of this thread fails.
     static FAIL: Cell<bool> = const { Cell::new(false) };
-    /// Requests of this thread that reached the inner allocator for the program (not the
-    /// profiler's own, made under its reentrancy mark: its stack table's growth).
+    /// Requests of this thread that reached the inner allocator.
     static INNER_CALLS: Cell<u64> = const { Cell::new(0) };
     /// Of which with a zero-size layout.
     static INNER_ZERO_SIZE: Cell<u64> = const { Cell::new(0) };
 }
 
 fn note_request(layout: Layout) -> bool {
-    if !allocprof::__thread_is_marked() {
-        INNER_CALLS.with(|c| c.set(c.get() + 1));
-    }
+    INNER_CALLS.with(|c| c.set(c.get() + 1));
     if layout.size() == 0 {
         INNER_ZERO_SIZE.with(|c| c.set(c.get() + 1));
     }
@@ -184,18 +179,10 @@ fn failed_requests_are_not_recorded(rate: usize) {
         let failures = failing(|| fails_to_allocate(size));
         let s1 = allocprof::stats();
         assert_eq!(failures, 4, "size {size}: every request must fail");
-        // Each request reaches the inner allocator: once, or twice if it is sampled and
-        // under 64 KiB (the profiler asks for a padded block first, then for the
-        // caller's layout).
-        let expected = match (rate, size < 64 * 1024) {
-            (_, false) => 4..=4,
-            (1, true) => 8..=8,
-            _ => 4..=8,
-        };
-        assert!(
-            expected.contains(&(inner_calls() - calls)),
-            "size {size}: the inner allocator saw {} requests",
-            inner_calls() - calls
+        assert_eq!(
+            inner_calls() - calls,
+            4,
+            "size {size}: the inner allocator saw the requests"
         );
         assert_eq!(
             delta(&s0, &s1),
@@ -560,25 +547,13 @@ fn zero_sized_requests() {
         let n = 1000;
         let zero_before = INNER_ZERO_SIZE.with(Cell::get);
         let s0 = allocprof::stats();
-        let calls = inner_calls();
         let non_null = zero_size_direct(n);
-        let calls = inner_calls() - calls;
         let s1 = allocprof::stats();
         assert_eq!(
-            calls, n as u64,
+            INNER_ZERO_SIZE.with(Cell::get) - zero_before,
+            n as u64,
             "zero-size requests must reach the inner allocator"
         );
-        // Sampled blocks are asked for with their padding: at rate 1 every one (none of
-        // zero size); at the default rate a zero-size request is almost never sampled.
-        let zero = INNER_ZERO_SIZE.with(Cell::get) - zero_before;
-        if rate == 1 {
-            assert_eq!(zero, 0, "sampled zero-size requests are padded");
-        } else {
-            assert!(
-                zero + 2 >= n as u64,
-                "{zero} of {n} forwarded with zero size"
-            );
-        }
         let d = delta(&s0, &s1);
         assert_eq!(
             (d.allocations, d.allocated_bytes, d.frees, d.freed_bytes),

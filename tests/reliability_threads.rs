@@ -36,10 +36,6 @@ struct Ledger {
     allocs: [AtomicU64; 2],
     free_bytes: [AtomicU64; 2],
     frees: [AtomicU64; 2],
-    /// Unmarked requests (allocations, frees) of at least [`PLACED_MAX`]: perhaps not
-    /// padded, and of at least `PLACED_MAX + PAD`: certainly not.
-    large: [AtomicU64; 2],
-    over: [AtomicU64; 2],
 }
 
 static LEDGER: Ledger = Ledger {
@@ -47,34 +43,18 @@ static LEDGER: Ledger = Ledger {
     allocs: [AtomicU64::new(0), AtomicU64::new(0)],
     free_bytes: [AtomicU64::new(0), AtomicU64::new(0)],
     frees: [AtomicU64::new(0), AtomicU64::new(0)],
-    large: [AtomicU64::new(0), AtomicU64::new(0)],
-    over: [AtomicU64::new(0), AtomicU64::new(0)],
 };
-
-/// Counts a request of `size` bytes, `dir` 0 for an allocation and 1 for a free.
-fn count_large(size: usize, dir: usize) {
-    if !allocprof::__thread_is_marked() {
-        if size as u64 >= PLACED_MAX {
-            LEDGER.large[dir].fetch_add(1, Ordering::Relaxed);
-        }
-        if size as u64 >= PLACED_MAX + PAD {
-            LEDGER.over[dir].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
 
 fn count_alloc(size: usize) {
     let m = usize::from(allocprof::__thread_is_marked());
     LEDGER.alloc_bytes[m].fetch_add(size as u64, Ordering::Relaxed);
     LEDGER.allocs[m].fetch_add(1, Ordering::Relaxed);
-    count_large(size, 0);
 }
 
 fn count_free(size: usize) {
     let m = usize::from(allocprof::__thread_is_marked());
     LEDGER.free_bytes[m].fetch_add(size as u64, Ordering::Relaxed);
     LEDGER.frees[m].fetch_add(1, Ordering::Relaxed);
-    count_large(size, 1);
 }
 
 // SAFETY: forwards every call to `System` unchanged and only counts successful calls.
@@ -274,34 +254,17 @@ fn live_threads() -> u64 {
         .unwrap_or(0)
 }
 
-/// The padding the profiler asks the inner allocator for with each sampled block it
-/// places (`alloc::place`; at rate 1, every block of the program's under
-/// [`PLACED_MAX`]): the inner allocator's bytes include it, the profiler's totals do not.
-const PAD: u64 = 1024;
-/// Blocks of this size or more are never placed.
-const PLACED_MAX: u64 = 64 * 1024;
-
 /// Asserts that the profiler's change of one total (`profiler`, from `Stats`) lies
 /// between the inner allocator's unmarked change and its unmarked + marked change,
-/// widened by `bound`, once the padding of placed blocks (`padding`: between the two
-/// byte counts given) is taken off the unmarked change. A lost flush makes it too small;
-/// a double count too large.
-fn assert_consistent(
-    what: &str,
-    profiler: u64,
-    before: Truth,
-    after: Truth,
-    padding: (u64, u64),
-    bound: u64,
-) {
+/// widened by `bound`. A lost flush makes it too small; a double count
+/// too large.
+fn assert_consistent(what: &str, profiler: u64, before: Truth, after: Truth, bound: u64) {
     let unmarked = after.unmarked - before.unmarked;
     let marked = after.marked - before.marked;
-    let low = unmarked.saturating_sub(padding.1 + bound);
-    let high = (unmarked + marked + bound).saturating_sub(padding.0);
+    let low = unmarked.saturating_sub(bound);
+    let high = unmarked + marked + bound;
     println!(
-        "  {what}: profiler {profiler}, inner allocator {unmarked} + {marked} in profiler \
-         work, padding {} to {}",
-        padding.0, padding.1
+        "  {what}: profiler {profiler}, inner allocator {unmarked} + {marked} in profiler work"
     );
     assert!(
         (low..=high).contains(&profiler),
@@ -342,17 +305,8 @@ fn check_totals_around(label: &str, work: impl FnOnce()) {
         .map(read)
     };
     let threads_before = live_threads();
-    let larges = || {
-        [0, 1].map(|d| {
-            (
-                LEDGER.large[d].load(Ordering::Relaxed),
-                LEDGER.over[d].load(Ordering::Relaxed),
-            )
-        })
-    };
     let s0 = allocprof::stats();
     let t0 = counters();
-    let larges0 = larges();
     work();
     let s1 = allocprof::stats();
     let t1 = counters();
@@ -369,25 +323,8 @@ fn check_totals_around(label: &str, work: impl FnOnce()) {
         s1.freed_bytes - s0.freed_bytes,
         s1.frees - s0.frees,
     ];
-    let large = |l: &[AtomicU64; 2], dir: usize| l[dir].load(Ordering::Relaxed);
     for i in 0..4 {
-        // Bytes: every allocation or free the profiler counted was of a placed block,
-        // but for those made in profiler work (exports, which it counts) and those of
-        // 64 KiB or more (which the inner allocator's request sizes tell, but for those
-        // within `PAD` above the limit).
-        let padding = if i % 2 == 0 {
-            let counted = profiler[i + 1];
-            let in_work = t1[i + 1].marked - t0[i + 1].marked;
-            let (l0, o0) = larges0[i / 2];
-            let (l1, o1) = (large(&LEDGER.large, i / 2), large(&LEDGER.over, i / 2));
-            (
-                PAD * counted.saturating_sub(in_work + (l1 - l0)),
-                PAD * counted.saturating_sub(o1 - o0),
-            )
-        } else {
-            (0, 0)
-        };
-        assert_consistent(names[i], profiler[i], t0[i], t1[i], padding, bound);
+        assert_consistent(names[i], profiler[i], t0[i], t1[i], bound);
     }
 }
 

@@ -1,18 +1,16 @@
 //! The live set: which pointers are sampled allocations that have not been freed yet.
 //!
-//! Every free asks "is this pointer sampled?", and almost always the answer is no. Most
-//! frees get that answer from the pointer and layout alone (`alloc::place`: a tracked
-//! pointer lies in one address class out of 64, or is more aligned than 16 bytes); the
-//! rest, every realloc, and the frees that run out the thread's countdown ask this set.
-//! That answer must be cheap and lock-free too (DESIGN invariant 5), so the set is an
+//! Every free asks "is this pointer sampled?", and almost always the answer is no. That
+//! answer must be cheap and lock-free (DESIGN invariant 5), so the set is an
 //! open-addressing hash table of atomic words in static memory:
 //!
-//! * **Readers** hash the pointer and first test one bit of an 8 KiB filter (65536 bits,
-//!   one per cache line of the table, set while any tracked pointer has that line as its
-//!   home): the common answer, not sampled, costs one load. Only when the bit is set (the
-//!   pointer is sampled, or shares a home line with one: about `live / 65536` of the
-//!   pointers asked about) do they look the pointer up, line by line (below), with plain
-//!   atomic loads. No lock, no read-modify-write.
+//! * **Readers** (every free and realloc) hash the pointer and first test one bit of an
+//!   8 KiB filter (65536 bits, one per cache line of the table, set while any tracked
+//!   pointer has that line as its home). The filter is small enough to stay in the L1 or
+//!   L2 cache, so the common answer — not sampled — costs one cached load. Only when the
+//!   bit is set (the pointer is sampled, or shares a home line with one: about
+//!   `live / 65536` of frees) do they look the pointer up, line by line (below), with
+//!   plain atomic loads. No lock, no read-modify-write.
 //! * **Writers** (sampled allocations and frees of sampled objects, one per 512 KiB on
 //!   average) are serialized per *stripe*: the table is [`STRIPES`] independent
 //!   open-addressing tables (a pointer's stripe is given by the top bits of its hash, and
@@ -74,36 +72,14 @@ const STRIPE_MAX_LIVE: usize = STRIPE_SLOTS / 2;
 
 const EMPTY: usize = 0;
 
-/// What is remembered about a sampled object until it is freed. 12 bytes, so that a line
+/// What is remembered about a sampled object until it is freed. 16 bytes, so that a line
 /// holds two. The weight is kept as an `f32`; the sampled path rounds it to `f32` before
-/// recording the allocation too, so a free takes back exactly what was added. The size is
-/// not kept: the free's layout gives it.
+/// recording the allocation too, so a free takes back exactly what was added.
 #[derive(Clone, Copy)]
 pub(crate) struct LiveMeta {
     pub(crate) stack: StackId,
     pub(crate) weight: f32,
-    /// The object's offset in the padded block the inner allocator returned, or
-    /// [`NOT_PLACED`] (see `alloc::place`).
-    offset: u32,
-}
-
-/// [`LiveMeta::offset`] of an object that is its own block.
-const NOT_PLACED: u32 = u32::MAX;
-
-impl LiveMeta {
-    pub(crate) fn new(stack: StackId, weight: f32, offset: Option<usize>) -> Self {
-        LiveMeta {
-            stack,
-            weight,
-            // Offsets are below `alloc::place::PAD`.
-            offset: offset.map_or(NOT_PLACED, |o| o as u32),
-        }
-    }
-
-    /// The offset of a placed object in its padded block; `None` if it is its own block.
-    pub(crate) fn offset(&self) -> Option<usize> {
-        (self.offset != NOT_PLACED).then_some(self.offset as usize)
-    }
+    pub(crate) size: u64,
 }
 
 /// All zero bits, so that the table is zero-initialised and goes to `.bss` (anonymous
@@ -111,7 +87,7 @@ impl LiveMeta {
 const NO_META: LiveMeta = LiveMeta {
     stack: StackId::ZERO,
     weight: 0.0,
-    offset: 0,
+    size: 0,
 };
 
 /// Two slots, their metadata and the line's two counts.
@@ -406,35 +382,17 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
         }
         l = next(l);
     }
-    // Not reached: at most half the stripe's slots are taken.
-    UNTRACKED.fetch_add(1, Ordering::Relaxed);
     false
 }
 
 /// Stops tracking `ptr` and returns what was recorded for it, if it was tracked.
 pub(crate) fn remove(ptr: usize) -> Option<LiveMeta> {
-    remove_if(ptr, |_| true)
-}
-
-/// Returns what was recorded for `ptr`, if it is tracked, and stops tracking it unless
-/// it is placed (see `alloc::place`): for a realloc, which must keep a placed block
-/// tracked until the block is freed.
-pub(crate) fn remove_unless_placed(ptr: usize) -> Option<LiveMeta> {
-    remove_if(ptr, |m| m.offset().is_none())
-}
-
-/// Returns what was recorded for `ptr`, if it is tracked, and stops tracking it if `stop`
-/// says so.
-fn remove_if(ptr: usize, stop: impl FnOnce(&LiveMeta) -> bool) -> Option<LiveMeta> {
     let h = home(ptr);
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
     let (l, s) = find(ptr, passed_locked)?;
     let m = *meta(w, l, s);
-    if !stop(&m) {
-        return Some(m);
-    }
     w.live -= 1;
     st.live.store(w.live, Ordering::Relaxed);
     line(l).keys[s].store(EMPTY, Ordering::Release);
@@ -451,18 +409,6 @@ pub(crate) fn live_count() -> usize {
 /// Samples whose frees could not be tracked because the set was full.
 pub(crate) fn untracked() -> u64 {
     UNTRACKED.load(Ordering::Relaxed)
-}
-
-/// Counts a sample that is not tracked for another reason than a full set (its block
-/// could not be placed, see `alloc::place`).
-pub(crate) fn count_untracked() {
-    UNTRACKED.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Takes back the count of an untracked sample whose allocation then failed (it is not a
-/// sample after all).
-pub(crate) fn forget_untracked() {
-    UNTRACKED.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Bytes of the live set's static table that can be touched.
@@ -491,9 +437,12 @@ mod tests {
         ptr
     }
 
-    /// A record told apart from others by its offset.
-    fn meta_of(tag: usize) -> LiveMeta {
-        LiveMeta::new(StackId::ZERO, 1.0, Some(tag))
+    fn meta_of(size: u64) -> LiveMeta {
+        LiveMeta {
+            stack: StackId::ZERO,
+            weight: 1.0,
+            size,
+        }
     }
 
     /// Recomputes every count of `l`'s stripe from its keys, under its lock, and compares:
@@ -547,7 +496,7 @@ mod tests {
         let ptrs: Vec<usize> = (0..7).map(|n| homed_at(l, n)).collect();
         for (i, &p) in ptrs.iter().enumerate() {
             assert!(!contains(p));
-            assert!(insert(p, meta_of(i)));
+            assert!(insert(p, meta_of(i as u64)));
             check_stripe(l);
         }
         assert!(ptrs.iter().all(|&p| contains(p)));
@@ -559,7 +508,7 @@ mod tests {
         let order = [3, 0, 6, 1, 5, 2, 4];
         for (k, &i) in order.iter().enumerate() {
             let m = remove(ptrs[i]).expect("tracked");
-            assert_eq!(m.offset(), Some(i), "its own record");
+            assert_eq!(m.size, i as u64, "its own record");
             assert!(!contains(ptrs[i]));
             assert!(remove(ptrs[i]).is_none());
             check_stripe(l);
@@ -582,7 +531,7 @@ mod tests {
         assert!(contains(c));
         // Inserting `c` again (a pointer that is still tracked) keeps one entry.
         assert!(insert(c, meta_of(2)));
-        assert_eq!(remove(c).and_then(|m| m.offset()), Some(2));
+        assert_eq!(remove(c).map(|m| m.size), Some(2));
         assert!(!contains(c));
         assert!(remove(b).is_some());
         check_stripe(l);
@@ -619,7 +568,7 @@ mod tests {
         });
         assert_eq!(missed, 0, "lookups that missed a tracked pointer");
         assert_eq!(found_absent, 0, "lookups that found an absent pointer");
-        assert_eq!(remove(far).and_then(|m| m.offset()), Some(9));
+        assert_eq!(remove(far).map(|m| m.size), Some(9));
         for &p in &near {
             assert!(remove(p).is_some());
         }

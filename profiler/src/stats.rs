@@ -49,8 +49,7 @@ pub struct Stats {
     /// Samples whose free could not be tracked because the live set was full.
     pub untracked_samples: u64,
     /// Bytes the profiler itself holds: the stack table, the symbolizer's caches, the
-    /// unwinder's rule caches, the touched part of the live set and the padding of live
-    /// sampled blocks (upper bounds for those two).
+    /// unwinder's rule caches and the touched part of the live set (an upper bound).
     pub profiler_bytes: u64,
     /// Addresses in the symbol cache.
     pub symbol_cache_entries: u64,
@@ -107,11 +106,8 @@ pub fn stats() -> Stats {
         max_stacks: config::max_stacks() as u64,
         dropped_samples: TABLE.dropped_samples(),
         untracked_samples: live::untracked(),
-        profiler_bytes: (TABLE.bytes()
-            + symbol_bytes
-            + live_bytes
-            + live_samples as usize * crate::alloc::place::PAD
-            + crate::unwind::memory_bytes()) as u64,
+        profiler_bytes: (TABLE.bytes() + symbol_bytes + live_bytes + crate::unwind::memory_bytes())
+            as u64,
         symbol_cache_entries: symbols as u64,
     }
 }

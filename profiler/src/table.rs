@@ -80,15 +80,6 @@ impl Counters {
         self.raw_alloc_bytes += size as u64;
     }
 
-    /// Takes back what [`Counters::add_alloc`] added, for an allocation that failed after
-    /// it was recorded.
-    fn sub_alloc(&mut self, size: usize, weight: f64) {
-        self.alloc_objects -= weight;
-        self.alloc_bytes -= weight * size as f64;
-        self.raw_alloc_objects = self.raw_alloc_objects.wrapping_sub(1);
-        self.raw_alloc_bytes = self.raw_alloc_bytes.wrapping_sub(size as u64);
-    }
-
     fn add_free(&mut self, size: usize, weight: f64) {
         self.free_objects += weight;
         self.free_bytes += weight * size as f64;
@@ -296,24 +287,6 @@ impl StackTable {
     }
 
     /// Credits the free of a sampled object to its stack.
-    /// Takes back a [`StackTable::record_alloc`] whose allocation then failed (the live set
-    /// was full and the block had to be allocated again, which failed). The stack stays in
-    /// the table, with nothing allocated from it. (For the overflow entry, whose shard is
-    /// not known here, the shard's sample count and `dropped_samples` keep the sample.)
-    pub(crate) fn cancel_alloc(&self, id: StackId, size: usize, weight: f64) {
-        if id == StackId::OVERFLOW {
-            self.overflow.lock().sub_alloc(size, weight);
-            return;
-        }
-        let slot = &self.shards[id.shard()];
-        let mut shard = slot.shard.lock();
-        slot.samples
-            .store(slot.samples.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-        if let Some(e) = shard.entries.get_mut(id.index()) {
-            e.counters.sub_alloc(size, weight);
-        }
-    }
-
     pub(crate) fn record_free(&self, id: StackId, size: usize, weight: f64) {
         if id == StackId::OVERFLOW {
             self.overflow.lock().add_free(size, weight);

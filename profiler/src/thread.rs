@@ -218,11 +218,11 @@ impl Counts {
     /// each, no read-modify-write; readers see each word move forward.
     fn add_owned(&self, bytes: u64, count: u64) {
         self.bytes.store(
-            self.bytes.load(Ordering::Relaxed).wrapping_add(bytes),
+            self.bytes.load(Ordering::Relaxed) + bytes,
             Ordering::Relaxed,
         );
         self.count.store(
-            self.count.load(Ordering::Relaxed).wrapping_add(count),
+            self.count.load(Ordering::Relaxed) + count,
             Ordering::Relaxed,
         );
     }
@@ -277,22 +277,6 @@ pub(crate) fn on_alloc(size: usize) -> bool {
         s.c.alloc_left.set(left);
         s.c.alloc_count.set(s.c.alloc_count.get().wrapping_add(1));
         left <= 0
-    })
-}
-
-/// Takes back an allocation that [`on_alloc`] counted and the inner allocator then failed.
-///
-/// The counters are put back where they were if nothing flushed them since. If something
-/// did (the allocation's own slow event, or an inner allocator that allocates through the
-/// global allocator), the bytes since arming go negative and the count below zero; both
-/// are published and read with wrapping arithmetic, so the totals come out exact.
-#[cold]
-#[inline(never)]
-pub(crate) fn uncount_alloc(size: usize) {
-    STATE.with(|s| {
-        s.c.alloc_left
-            .set(s.c.alloc_left.get().wrapping_add(size as isize));
-        s.c.alloc_count.set(s.c.alloc_count.get().wrapping_sub(1));
     })
 }
 
@@ -408,11 +392,9 @@ fn arm_alloc(s: &ThreadState) {
     s.c.alloc_left.set(armed);
 }
 
-/// Publishes `consumed` bytes (below zero after a taken-back allocation, see
-/// [`uncount_alloc`]: published wrapping) and the count.
 fn flush_alloc(s: &ThreadState, consumed: isize) {
     let count = s.c.alloc_count.replace(0);
-    publish(s, Dir::Alloc, consumed as u64, count);
+    publish(s, Dir::Alloc, consumed.max(0) as u64, count);
 }
 
 /// The free-side flush: publishes the freed bytes and count and re-arms.
@@ -437,7 +419,7 @@ fn flush_free(s: &ThreadState) {
     let consumed = s.c.free_armed.get().wrapping_sub(s.c.free_left.get());
     s.c.free_armed.set(s.c.free_left.get());
     let count = s.c.free_count.replace(0);
-    publish(s, Dir::Free, consumed as u64, count);
+    publish(s, Dir::Free, consumed.max(0) as u64, count);
 }
 
 #[derive(Clone, Copy)]
@@ -524,10 +506,8 @@ fn release_slot(s: &ThreadState) {
 /// Allocated bytes, allocations, freed bytes and frees.
 type Sums = [u64; 4];
 
-/// Wrapping: a taken-back allocation (see [`uncount_alloc`]) can leave one part of a
-/// thread's counts below zero until the rest catches up.
 fn add(a: Sums, b: Sums) -> Sums {
-    [0, 1, 2, 3].map(|i| a[i].wrapping_add(b[i]))
+    [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
 }
 
 fn published(t: &Totals) -> Sums {
@@ -557,9 +537,9 @@ fn slot_sums(n: usize) -> Sums {
             let alloc = c.alloc_armed.get().wrapping_sub(c.alloc_left.get());
             let free = c.free_armed.get().wrapping_sub(c.free_left.get());
             let unflushed = [
-                alloc as u64,
+                alloc.max(0) as u64,
                 c.alloc_count.get(),
-                free as u64,
+                free.max(0) as u64,
                 c.free_count.get(),
             ];
             // Pairs with the owner's Release fence after opening a change: if it changed
@@ -609,10 +589,14 @@ pub(crate) fn reset_after_fork_in_child() {
 /// thread exit, at the start of a region and when the rate changes. Inside a change.
 fn flush_partial(s: &ThreadState) {
     let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
-    s.c.alloc_armed.set(s.c.alloc_left.get());
-    s.sample_left
-        .set(s.sample_left.get().saturating_sub(consumed));
-    flush_alloc(s, consumed);
+    if consumed > 0 {
+        s.c.alloc_armed.set(s.c.alloc_left.get());
+        s.sample_left
+            .set(s.sample_left.get().saturating_sub(consumed));
+        flush_alloc(s, consumed);
+    } else {
+        flush_alloc(s, 0);
+    }
     flush_free(s);
 }
 
