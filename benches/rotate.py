@@ -70,7 +70,10 @@ def main():
         print(f"{100 * (statistics.median(ratios) - 1):+5.1f}% "
               f"[{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]  {cmds[j]}{against}")
     for j, cmd in enumerate(cmds):
-        print(f"{j}: median {statistics.median(times[j]):.3f} s  {cmd}")
+        med = statistics.median(times[j])
+        # Short runs (start-up costs) need milliseconds to more places than seconds give.
+        shown = f"{med:.3f} s" if med >= 0.1 else f"{1e3 * med:.3f} ms"
+        print(f"{j}: median {shown}  {cmd}")
 
 
 if __name__ == "__main__":
