@@ -25,8 +25,10 @@ WORKLOADS = [
     ("strings", "small strings (`format!` + map lookup)"),
     ("churn", "cache-like churn, 8 B–128 KiB, 10k live slots"),
     ("large", "large buffers 256 KiB–4 MiB"),
+    ("service", "HTTP service: hyper server + client, loopback"),
 ]
-DEFAULT_ITERS = {"strings": 8_000_000, "churn": 3_000_000, "large": 200_000}
+DEFAULT_ITERS = {"strings": 8_000_000, "churn": 3_000_000, "large": 200_000,
+                 "service": 30_000}
 
 JEMALLOC_PROF = {"_RJEM_MALLOC_CONF": "prof:true,lg_prof_sample:19"}
 

@@ -108,6 +108,104 @@ pub fn large(seed: u64, iters: usize) -> u64 {
     sum
 }
 
+/// Items a [`service`] serves.
+const ITEMS: u64 = 1000;
+
+/// A read-only key-value service over HTTP/1.1 on loopback, server and client in this
+/// process: one current-thread tokio runtime a thread, a hyper server for one keep-alive
+/// connection and a hyper client sending `iters` requests on it. A request asks for
+/// `/item/{id}` of [`ITEMS`]; the handler builds that item's JSON document afresh
+/// (`format!` and `push_str`, 64 B–8 KiB, log-uniform over the items), the client reads
+/// the whole body. Every byte crosses the kernel twice, so most of the CPU time is the
+/// network stack's, as in a real service.
+#[inline(never)]
+pub fn service(seed: u64, iters: usize) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let mut rng = Rng(seed | 1);
+        let sizes: std::sync::Arc<Vec<usize>> =
+            std::sync::Arc::new((0..ITEMS).map(|_| rng.log_uniform(64, 8 * 1024)).collect());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local_addr");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let svc = hyper::service::service_fn(move |req| {
+                let sizes = sizes.clone();
+                async move { Ok::<_, std::convert::Infallible>(item_response(&req, &sizes)) }
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await
+                .expect("server connection");
+        });
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let mut sum = 0u64;
+        for _ in 0..iters {
+            let id = rng.next_u64() % ITEMS;
+            let req = hyper::Request::get(format!("/item/{id}"))
+                .header("host", "127.0.0.1")
+                .header("user-agent", "allocprof-benches")
+                .header("accept", "application/json")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let resp = sender.send_request(req).await.expect("send_request");
+            assert_eq!(resp.status(), hyper::StatusCode::OK);
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            sum = sum.wrapping_add(body.len() as u64 + u64::from(body[body.len() / 2]));
+        }
+        sum
+    })
+}
+
+/// The handler of [`service`]: `/item/{id}` as a JSON document of `sizes[id]` bytes or a
+/// little more, built field by field; 404 for any other path.
+fn item_response(
+    req: &hyper::Request<hyper::body::Incoming>,
+    sizes: &[usize],
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let id = req
+        .uri()
+        .path()
+        .strip_prefix("/item/")
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&id| id < sizes.len());
+    let Some(id) = id else {
+        let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+        *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return resp;
+    };
+    let mut body = format!("{{\"id\":{id},\"name\":\"item-{id}\",\"events\":[");
+    let mut n = 0u64;
+    while body.len() < sizes[id] {
+        let event = format!(
+            "{{\"seq\":{n},\"kind\":\"{}\",\"at\":{}}},",
+            ["view", "cart", "order"][(n % 3) as usize],
+            1_700_000_000 + n * 37 + id as u64
+        );
+        body.push_str(&event);
+        n += 1;
+    }
+    body.push_str("null]}");
+    hyper::Response::builder()
+        .header("content-type", "application/json")
+        .header("cache-control", "max-age=60")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("response")
+}
+
 /// A buffer of `size` bytes with its first and last byte written (so the memory is real
 /// without the workload turning into a memset benchmark).
 #[inline(never)]
@@ -126,6 +224,7 @@ pub fn default_iters(workload: &str) -> usize {
         "strings" => 8_000_000,
         "churn" => 3_000_000,
         "large" => 200_000,
+        "service" => 30_000,
         _ => 0,
     }
 }
@@ -136,7 +235,7 @@ pub fn workload_main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(workload) = args.get(1).cloned() else {
         eprintln!(
-            "usage: {} strings|churn|large [iterations-per-thread]",
+            "usage: {} strings|churn|large|service [iterations-per-thread]",
             args[0]
         );
         std::process::exit(2);
@@ -145,6 +244,7 @@ pub fn workload_main() {
         "strings" => small_strings,
         "churn" => churn,
         "large" => large,
+        "service" => service,
         other => {
             eprintln!("unknown workload {other}");
             std::process::exit(2);
