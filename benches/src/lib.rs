@@ -124,50 +124,82 @@ pub fn service(seed: u64, iters: usize) -> u64 {
         .enable_io()
         .build()
         .expect("tokio runtime");
+    rt.block_on(connection(seed, iters))
+}
+
+/// Connections of [`service_mt`].
+const CONNECTIONS: usize = 4;
+
+/// [`service`] on one multi-threaded (work-stealing) tokio runtime of [`THREADS`]
+/// workers, the shape of most tokio services: [`CONNECTIONS`] server and client pairs,
+/// `iters * THREADS` requests in all, tasks (and the memory they free) moving between
+/// workers. Run once, from the main thread (see [`workload_main`]).
+#[inline(never)]
+pub fn service_mt(seed: u64, iters: usize) -> u64 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(THREADS)
+        .enable_io()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
-        let mut rng = Rng(seed | 1);
-        let sizes: std::sync::Arc<Vec<usize>> =
-            std::sync::Arc::new((0..ITEMS).map(|_| rng.log_uniform(64, 8 * 1024)).collect());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local_addr");
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let svc = hyper::service::service_fn(move |req| {
-                let sizes = sizes.clone();
-                async move { Ok::<_, std::convert::Infallible>(item_response(&req, &sizes)) }
-            });
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await
-                .expect("server connection");
-        });
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .expect("handshake");
-        tokio::spawn(conn);
+        let per = iters * THREADS / CONNECTIONS;
+        let tasks: Vec<_> = (0..CONNECTIONS)
+            .map(|c| tokio::spawn(connection(seed ^ ((c as u64) << 32), per)))
+            .collect();
         let mut sum = 0u64;
-        for _ in 0..iters {
-            let id = rng.next_u64() % ITEMS;
-            let req = hyper::Request::get(format!("/item/{id}"))
-                .header("host", "127.0.0.1")
-                .header("user-agent", "allocprof-benches")
-                .header("accept", "application/json")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .expect("request");
-            let resp = sender.send_request(req).await.expect("send_request");
-            assert_eq!(resp.status(), hyper::StatusCode::OK);
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .expect("body")
-                .to_bytes();
-            sum = sum.wrapping_add(body.len() as u64 + u64::from(body[body.len() / 2]));
+        for t in tasks {
+            sum = sum.wrapping_add(t.await.expect("connection task"));
         }
         sum
     })
+}
+
+/// One server and client pair of [`service`]: a listener on a free loopback port, a
+/// task serving the one connection it accepts, and a client sending `iters` requests on
+/// that connection. Returns the client's checksum.
+async fn connection(seed: u64, iters: usize) -> u64 {
+    let mut rng = Rng(seed | 1);
+    let sizes: std::sync::Arc<Vec<usize>> =
+        std::sync::Arc::new((0..ITEMS).map(|_| rng.log_uniform(64, 8 * 1024)).collect());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let svc = hyper::service::service_fn(move |req| {
+            let sizes = sizes.clone();
+            async move { Ok::<_, std::convert::Infallible>(item_response(&req, &sizes)) }
+        });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await
+            .expect("server connection");
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut sum = 0u64;
+    for _ in 0..iters {
+        let id = rng.next_u64() % ITEMS;
+        let req = hyper::Request::get(format!("/item/{id}"))
+            .header("host", "127.0.0.1")
+            .header("user-agent", "allocprof-benches")
+            .header("accept", "application/json")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("send_request");
+        assert_eq!(resp.status(), hyper::StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        sum = sum.wrapping_add(body.len() as u64 + u64::from(body[body.len() / 2]));
+    }
+    sum
 }
 
 /// The handler of [`service`]: `/item/{id}` as a JSON document of `sizes[id]` bytes or a
@@ -224,7 +256,7 @@ pub fn default_iters(workload: &str) -> usize {
         "strings" => 8_000_000,
         "churn" => 3_000_000,
         "large" => 200_000,
-        "service" => 30_000,
+        "service" | "service-mt" => 30_000,
         _ => 0,
     }
 }
@@ -235,7 +267,7 @@ pub fn workload_main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(workload) = args.get(1).cloned() else {
         eprintln!(
-            "usage: {} strings|churn|large|service [iterations-per-thread]",
+            "usage: {} strings|churn|large|service|service-mt [iterations-per-thread]",
             args[0]
         );
         std::process::exit(2);
@@ -245,6 +277,7 @@ pub fn workload_main() {
         "churn" => churn,
         "large" => large,
         "service" => service,
+        "service-mt" => service_mt,
         other => {
             eprintln!("unknown workload {other}");
             std::process::exit(2);
@@ -254,6 +287,12 @@ pub fn workload_main() {
         .get(2)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| default_iters(&workload));
+    if workload == "service-mt" {
+        // One runtime whose own workers are the threads.
+        let sum = nest(NEST, &mut || f(0x9e37_79b9_7f4a_7c15, iters));
+        println!("{workload} {sum}");
+        return;
+    }
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             std::thread::spawn(move || {
