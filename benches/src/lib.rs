@@ -109,7 +109,7 @@ pub fn large(seed: u64, iters: usize) -> u64 {
 }
 
 /// Items a [`service`] serves.
-const ITEMS: u64 = 1000;
+pub const ITEMS: u64 = 1000;
 
 /// A read-only key-value service over HTTP/1.1 on loopback, server and client in this
 /// process: one current-thread tokio runtime a thread, a hyper server for one keep-alive
@@ -128,7 +128,7 @@ pub fn service(seed: u64, iters: usize) -> u64 {
 }
 
 /// Connections of [`service_mt`].
-const CONNECTIONS: usize = 4;
+pub const CONNECTIONS: usize = 4;
 
 /// [`service`] on one multi-threaded (work-stealing) tokio runtime of [`THREADS`]
 /// workers, the shape of most tokio services: [`CONNECTIONS`] server and client pairs,
