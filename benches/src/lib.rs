@@ -4,7 +4,9 @@
 //! A workload binary is run as `wl_<allocator> <workload> [iterations-per-thread]`; it
 //! runs the workload on [`THREADS`] threads at a call depth of about 30 frames (services
 //! allocate from deep stacks; the sampled path's cost grows with depth) and prints a
-//! checksum so nothing is optimised away. `run.sh` measures its CPU time (user + system).
+//! checksum so nothing is optimised away (`service-mt` instead runs on the [`THREADS`]
+//! workers of one tokio runtime, see [`service_mt`]). `run.sh` measures its CPU time
+//! (user + system).
 
 use std::collections::HashMap;
 use std::hint::black_box;
