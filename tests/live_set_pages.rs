@@ -10,6 +10,10 @@
 //! they are when the kernel reports that it fell back to small pages (no free 2 MiB page
 //! at that moment), and under an emulator (`ALLOCPROF_TEST_RUNNER`), whose own memory
 //! (qemu-user's translation cache) asks for huge pages too.
+//!
+//! A third case counts the page faults that samples take on the live set's small pages:
+//! one for each page they touch first, where a read before the first write (the zero
+//! page mapped, then replaced) took two.
 
 mod common;
 
@@ -114,5 +118,79 @@ fn child_keeps_samples() {
         .expect("AnonHugePages in smaps_rollup");
     println!("huge_kb={huge_kb}");
     println!("profiler_bytes={}", stats.profiler_bytes);
+    drop(kept);
+}
+
+/// Objects the fault-counting child keeps, each a sample at rate 1.
+const KEPT: usize = 256;
+
+#[test]
+fn a_sample_faults_a_live_set_page_in_once() {
+    if common::runner::emulated() {
+        eprintln!("note: under an emulator page faults are the emulator's to count");
+        return;
+    }
+    let mut cmd = common::runner::target_command(std::env::current_exe().unwrap());
+    cmd.args(["child_counts_faults", "--exact", "--nocapture", "--ignored"]);
+    cmd.env("ALLOCPROF_HUGE_PAGES", "0");
+    let out = cmd.output().expect("run child");
+    assert!(out.status.success(), "child failed: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let faults: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("faults="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no faults= in child output: {stdout}"));
+    // The boxes lie at consecutive heap addresses, which the table's multiplicative hash
+    // sends to lines far apart: each sample's line is on a page of its own, touched first
+    // by that sample. One fault each, plus a few for the heap's own pages and the new
+    // stack's entry, stays under KEPT + 32 (258 on 2026-12-02); two each does not (512).
+    eprintln!("{faults} page faults for {KEPT} samples kept on small pages");
+    assert!(
+        faults <= KEPT as u64 + 32,
+        "{faults} page faults for {KEPT} samples: the live set's pages are faulted in twice"
+    );
+}
+
+/// This thread's minor page faults so far (field 10 of `/proc/thread-self/stat`), read
+/// into a buffer on the stack so that reading them allocates nothing (an allocation would
+/// be a sample).
+fn thread_minor_faults() -> u64 {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    let mut file = std::fs::File::open("/proc/thread-self/stat").expect("open stat");
+    let n = file.read(&mut buf).expect("read stat");
+    let text = std::str::from_utf8(&buf[..n]).expect("stat is text");
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &text[text.rfind(')').expect("comm") + 2..];
+    rest.split(' ')
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .expect("minflt")
+}
+
+#[inline(never)]
+fn boxed(i: usize) -> Box<[u8; 48]> {
+    Box::new([i as u8; 48])
+}
+
+#[test]
+#[ignore = "entry point of the child process of the fault-counting test"]
+fn child_counts_faults() {
+    allocprof::set_sample_rate(1);
+    // A round unmeasured first, so that the unwinder's caches and the heap's first page
+    // are in place before the count (each box is freed at once, so these samples touch
+    // one line of the table).
+    let mut kept = Vec::with_capacity(KEPT);
+    for i in 0..KEPT {
+        drop(std::hint::black_box(boxed(i)));
+    }
+    let before = thread_minor_faults();
+    for i in 0..KEPT {
+        kept.push(boxed(i));
+    }
+    let after = thread_minor_faults();
+    assert!(allocprof::stats().live_samples >= KEPT as u64);
+    println!("faults={}", after - before);
     drop(kept);
 }

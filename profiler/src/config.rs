@@ -72,6 +72,7 @@ fn read_env_once() {
         _ => stderr(b"allocprof: ignoring ALLOCPROF_MAX_STACKS: not a positive whole number\n"),
     }
     // Before the first sample: every sample comes after this (see `thread::alloc_event`).
+    crate::live::touch_for_write();
     match env_usize(c"ALLOCPROF_HUGE_PAGES") {
         EnvValue::Unset | EnvValue::Set(1) => crate::live::advise_huge_pages(),
         EnvValue::Set(0) => {}

@@ -44,7 +44,8 @@
 //! the table asks for them at start-up, before the first sample: its accesses are to
 //! random lines, and with 4 KiB pages each one also missed the TLB in a program churning
 //! its heap. The price is that the first samples fault in 2 MiB pages (4 MiB in all),
-//! which `Stats::profiler_bytes` counts.
+//! which `Stats::profiler_bytes` counts. A page's first touch is a write (see
+//! [`first_touch_for_write`]), so that the kernel faults it in once.
 //!
 //! At most [`MAX_LIVE`] sampled objects are tracked at once (at most half of each
 //! stripe's slots, so slightly fewer when pointers spread unevenly) — at the default rate
@@ -98,6 +99,10 @@ struct Line {
     /// comes before it in their stripe's probe order, and both its slots were taken when
     /// they were inserted. Written under the lock of the line's stripe, read without.
     passed: AtomicU32,
+    /// Never read: stored to once before the first read of the line's page, so that the
+    /// page's first touch is a write (see [`first_touch_for_write`]). In what would
+    /// otherwise be padding.
+    written: AtomicU32,
     /// Written and read only under the lock of the line's stripe.
     meta: UnsafeCell<[LiveMeta; 2]>,
     /// Tracked pointers whose home is this line; the line's filter bit is set iff
@@ -118,6 +123,7 @@ unsafe impl Sync for Line {}
 const EMPTY_LINE: Line = Line {
     keys: [const { AtomicUsize::new(EMPTY) }; 2],
     passed: AtomicU32::new(0),
+    written: AtomicU32::new(0),
     meta: UnsafeCell::new([NO_META; 2]),
     count: UnsafeCell::new(0),
 };
@@ -159,6 +165,27 @@ pub(crate) fn advise_huge_pages() {
             )
         } == 0;
         HUGE.store(done, Ordering::Relaxed);
+    }
+}
+
+/// Writes to every page of the filter and of [`WRITTEN`] once, so that no read of them
+/// maps the zero page that a sample's write must then replace (see
+/// [`first_touch_for_write`]). Called once, from the start-up settings (`config`), at the
+/// process's first allocation event, normally before any free has read the filter and
+/// before the process has a second thread.
+pub(crate) fn touch_for_write() {
+    let words_per_page = 4096 / std::mem::size_of::<AtomicU64>();
+    for bits in [&FILTER[..], &WRITTEN[..]] {
+        for word in (0..bits.len())
+            .step_by(words_per_page)
+            .chain([bits.len() - 1])
+        {
+            // OR-ing in nothing changes no bit, whatever other threads do meanwhile. The
+            // zero is hidden from the optimizer, which would otherwise drop the operation
+            // or make it a load. (On x86_64 it is one locked write; a load-exclusive and a
+            // store elsewhere, still cheap once at start-up.)
+            bits[word].fetch_or(std::hint::black_box(0), Ordering::Relaxed);
+        }
     }
 }
 
@@ -303,6 +330,38 @@ pub(crate) fn prefetch(ptr: usize) {
     let _ = ptr;
 }
 
+/// Small (4 KiB) pages of the table, whether or not huge pages back them.
+const SMALL_PAGES: usize = BYTES / 4096;
+
+/// The table's small pages that have been written, one bit each.
+static WRITTEN: [AtomicU64; SMALL_PAGES / 64] = [const { AtomicU64::new(0) }; SMALL_PAGES / 64];
+
+/// Makes sure the first touch of line `l`'s page is a write. An insertion reads its home
+/// line before it writes it; were that read the page's first touch, the kernel would map
+/// the shared zero page (the huge zero page when the table has huge pages), and the write
+/// that follows would replace that mapping, flushing the TLB of every CPU the process
+/// runs on. That is an inter-processor interrupt, which on the benchmarks' VM cost about
+/// 70 µs for each of the two huge pages, and one more for every small page touched with
+/// `ALLOCPROF_HUGE_PAGES=0` (`benches/runs/2026-12-02-1243-first-touch.txt`). After the
+/// first write to a page this is one load of a line the sampled path keeps warm.
+#[inline(always)]
+fn first_touch_for_write(l: usize) {
+    let page = l * std::mem::size_of::<Line>() / 4096;
+    let (word, mask) = (page / 64, 1u64 << (page % 64));
+    if WRITTEN[word].load(Ordering::Relaxed) & mask == 0 {
+        first_write(l, word, mask);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn first_write(l: usize, word: usize, mask: u64) {
+    // A plain store, on every architecture a write access from the first touch (a
+    // read-modify-write may be a load-exclusive first). Nothing reads `written`.
+    line(l).written.store(1, Ordering::Relaxed);
+    WRITTEN[word].fetch_or(mask, Ordering::Relaxed);
+}
+
 /// Adds `delta` to the count of `line` and keeps its filter bit in step. Under the lock
 /// of the line's stripe.
 fn count_line(_w: &mut Writer, line: usize, delta: i32) {
@@ -354,6 +413,7 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
+    first_touch_for_write(h);
     if let Some((l, s)) = find(ptr, passed_locked) {
         // Cannot happen for a correct program (the inner allocator returned a pointer
         // that is still live); keep the newer record.
