@@ -413,6 +413,8 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
     let st = stripe(h);
     let mut guard = st.writer.lock();
     let w = &mut *guard;
+    // Before `find` reads the home line. The lines it reads after that were written
+    // already: it goes on past a line only if a probe passed it full.
     first_touch_for_write(h);
     if let Some((l, s)) = find(ptr, passed_locked) {
         // Cannot happen for a correct program (the inner allocator returned a pointer
@@ -429,6 +431,9 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
     // stripe's slots are taken.
     let mut l = h;
     for _ in 0..STRIPE_LINES {
+        // The home line's page was written above; a line the probe runs on to may be on a
+        // page of its own.
+        first_touch_for_write(l);
         let t = line(l);
         if let Some(s) = (0..2).find(|&s| t.keys[s].load(Ordering::Relaxed) == EMPTY) {
             *meta(w, l, s) = m;
