@@ -174,7 +174,7 @@ pub(crate) fn advise_huge_pages() {
 /// process's first allocation event, normally before any free has read the filter and
 /// before the process has a second thread.
 pub(crate) fn touch_for_write() {
-    let words_per_page = 4096 / std::mem::size_of::<AtomicU64>();
+    let words_per_page = SMALL_PAGE / std::mem::size_of::<AtomicU64>();
     for bits in [&FILTER[..], &WRITTEN[..]] {
         for word in (0..bits.len())
             .step_by(words_per_page)
@@ -199,7 +199,7 @@ pub(crate) fn resident_bound(samples: u64) -> usize {
     let page = if HUGE.load(Ordering::Relaxed) {
         HUGE_PAGE
     } else {
-        4096
+        SMALL_PAGE
     };
     (samples as usize).saturating_mul(2 * page).min(BYTES)
 }
@@ -330,8 +330,11 @@ pub(crate) fn prefetch(ptr: usize) {
     let _ = ptr;
 }
 
-/// Small (4 KiB) pages of the table, whether or not huge pages back them.
-const SMALL_PAGES: usize = BYTES / 4096;
+/// Bytes of a small page.
+const SMALL_PAGE: usize = 4096;
+
+/// Small pages of the table, whether or not huge pages back them.
+const SMALL_PAGES: usize = BYTES / SMALL_PAGE;
 
 /// The table's small pages that have been written, one bit each.
 static WRITTEN: [AtomicU64; SMALL_PAGES / 64] = [const { AtomicU64::new(0) }; SMALL_PAGES / 64];
@@ -346,7 +349,7 @@ static WRITTEN: [AtomicU64; SMALL_PAGES / 64] = [const { AtomicU64::new(0) }; SM
 /// first write to a page this is one load of a line the sampled path keeps warm.
 #[inline(always)]
 fn first_touch_for_write(l: usize) {
-    let page = l * std::mem::size_of::<Line>() / 4096;
+    let page = l * std::mem::size_of::<Line>() / SMALL_PAGE;
     let (word, mask) = (page / 64, 1u64 << (page % 64));
     if WRITTEN[word].load(Ordering::Relaxed) & mask == 0 {
         first_write(l, word, mask);
@@ -431,9 +434,6 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
     // stripe's slots are taken.
     let mut l = h;
     for _ in 0..STRIPE_LINES {
-        // The home line's page was written above; a line the probe runs on to may be on a
-        // page of its own.
-        first_touch_for_write(l);
         let t = line(l);
         if let Some(s) = (0..2).find(|&s| t.keys[s].load(Ordering::Relaxed) == EMPTY) {
             *meta(w, l, s) = m;
@@ -446,6 +446,9 @@ pub(crate) fn insert(ptr: usize, m: LiveMeta) -> bool {
             return true;
         }
         l = next(l);
+        // The home line's page was written above; the next line may be on a page of its
+        // own.
+        first_touch_for_write(l);
     }
     false
 }
