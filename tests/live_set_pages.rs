@@ -41,25 +41,32 @@ fn thp_fault_fallbacks() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the child with `ALLOCPROF_HUGE_PAGES` set to `value` (or unset), returning its
-/// `AnonHugePages` in kB and the `profiler_bytes` it reported.
-fn child_report(value: Option<&str>) -> (u64, u64) {
+/// Runs the ignored test `entry` as a child process with `ALLOCPROF_HUGE_PAGES` set to
+/// `value` (or unset) and returns a function that reads a `name=number` line of what it
+/// printed.
+fn run_child(entry: &str, value: Option<&str>) -> impl Fn(&str) -> u64 {
     let mut cmd = common::runner::target_command(std::env::current_exe().unwrap());
-    cmd.args(["child_keeps_samples", "--exact", "--nocapture", "--ignored"]);
+    cmd.args([entry, "--exact", "--nocapture", "--ignored"]);
     cmd.env_remove("ALLOCPROF_HUGE_PAGES");
     if let Some(v) = value {
         cmd.env("ALLOCPROF_HUGE_PAGES", v);
     }
     let out = cmd.output().expect("run child");
     assert!(out.status.success(), "child failed: {out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| -> u64 {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    move |name: &str| -> u64 {
         stdout
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {name} in child output: {stdout}"))
-    };
+    }
+}
+
+/// Runs the huge-page child with `ALLOCPROF_HUGE_PAGES` set to `value` (or unset),
+/// returning its `AnonHugePages` in kB and the `profiler_bytes` it reported.
+fn child_report(value: Option<&str>) -> (u64, u64) {
+    let field = run_child("child_keeps_samples", value);
     (field("huge_kb="), field("profiler_bytes="))
 }
 
@@ -130,17 +137,7 @@ fn a_sample_faults_a_live_set_page_in_once() {
         eprintln!("note: under an emulator page faults are the emulator's to count");
         return;
     }
-    let mut cmd = common::runner::target_command(std::env::current_exe().unwrap());
-    cmd.args(["child_counts_faults", "--exact", "--nocapture", "--ignored"]);
-    cmd.env("ALLOCPROF_HUGE_PAGES", "0");
-    let out = cmd.output().expect("run child");
-    assert!(out.status.success(), "child failed: {out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let faults: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("faults="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no faults= in child output: {stdout}"));
+    let faults = run_child("child_counts_faults", Some("0"))("faults=");
     // The boxes lie at consecutive heap addresses, which the table's multiplicative hash
     // sends to lines far apart: each sample's line is on a page of its own, touched first
     // by that sample. One fault each, plus a few for the heap's own pages and the new
