@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 /// Go's `runtime.MemProfileRate` default: one sample per 512 KiB allocated, on average.
 pub const DEFAULT_SAMPLE_RATE: usize = 512 * 1024;
 
-/// Default cap on the number of distinct stacks the table keeps.
+/// Default cap on the number of entries the stack table keeps (one per distinct stack
+/// and CPU group that sampled it, up to 4 a stack).
 pub const DEFAULT_MAX_STACKS: usize = 32 * 1024;
 
 /// What every slow-path event reads, on one cache line. Events come hundreds of
@@ -177,14 +178,15 @@ pub(crate) fn rate_and_epoch() -> (usize, u64) {
     (HOT.rate.load(Ordering::Relaxed), epoch)
 }
 
-/// The cap on distinct stacks (`ALLOCPROF_MAX_STACKS`, default [`DEFAULT_MAX_STACKS`]).
+/// The cap on stack-table entries (`ALLOCPROF_MAX_STACKS`, default [`DEFAULT_MAX_STACKS`]):
+/// one per distinct stack and CPU group that sampled it, up to 4 a stack.
 pub fn max_stacks() -> usize {
     ensure_env();
     MAX_STACKS.load(Ordering::Relaxed)
 }
 
-/// Sets the cap on distinct stacks. Lowering it below the number already stored keeps
-/// those and sends every new stack to the overflow entry.
+/// Sets the cap on stack-table entries. Lowering it below the number already stored keeps
+/// those and sends every new entry's sample to the overflow entry.
 pub fn set_max_stacks(n: usize) {
     ensure_env();
     MAX_STACKS.store(n.max(1), Ordering::Relaxed);

@@ -40,9 +40,10 @@ pub struct Stats {
     pub samples: u64,
     /// Sampled objects not yet freed.
     pub live_samples: u64,
-    /// Distinct stacks stored in the table.
+    /// Entries of the stack table: one per distinct stack and CPU group that sampled it
+    /// (up to 4 a stack; a snapshot adds a stack's entries up into one record).
     pub unique_stacks: u64,
-    /// The cap on distinct stacks.
+    /// The cap on stack-table entries.
     pub max_stacks: u64,
     /// Samples whose stack did not fit under the cap (kept in the overflow entry).
     pub dropped_samples: u64,

@@ -3,9 +3,22 @@
 //!
 //! # Locking
 //!
-//! 64 shards, each a small futex mutex (`lock.rs`; fork-safe, unlike parking_lot's); the shard is chosen by the stack's hash. A
-//! thread holds at most one shard lock at a time and calls nothing that takes another
-//! profiler lock while holding it.
+//! 64 shards, each a small futex mutex (`lock.rs`; fork-safe, unlike parking_lot's); the
+//! shard is chosen by the stack's hash and the recording CPU's group (below). A thread
+//! holds at most one shard lock at a time and calls nothing that takes another profiler
+//! lock while holding it.
+//!
+//! # One entry per stack and CPU group
+//!
+//! Threads of a program allocate from the same few call sites, so with one entry per
+//! stack, threads on different CPUs took turns with one shard lock and one entry, and
+//! every sample moved both cache lines between the CPUs. Where every allocation is
+//! sampled (the large-buffers benchmark, two threads, one call site) that was 10 of its
+//! 24 points of overhead (`benches/runs/2026-12-02-1640-cpu-groups.txt`). So a stack
+//! recorded on CPU `c` goes to the entry of CPU group `c % GROUPS`, in a shard of its
+//! own: a stack has up to [`GROUPS`] entries, and the snapshot adds them up
+//! ([`RawSnapshot::merge_same_stacks`]). jemalloc keeps its counts per thread for the
+//! same reason. The cap on stacks ([`crate::max_stacks`]) counts entries.
 //!
 //! Inserting a new stack may grow a shard's vectors *under the shard lock*; that is
 //! allowed only because the sampled path runs with the reentrancy mark set, so the
@@ -21,11 +34,30 @@
 
 use crate::lock::{ForkLock, Mutex};
 use crate::stack::{hash_stack, ReturnAddress};
+use std::collections::hash_map::{self, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 const SHARD_BITS: u32 = 6;
 const SHARDS: usize = 1 << SHARD_BITS;
 const INDEX_BITS: u32 = 32 - SHARD_BITS;
+/// CPU groups: a stack recorded on CPUs of different groups has an entry in each.
+pub(crate) const GROUPS: usize = 4;
+
+/// The calling thread's CPU group: its current CPU modulo [`GROUPS`] (0 where the CPU is
+/// unknown). A thread that moves to another CPU meanwhile only records into another
+/// group's entry.
+fn cpu_group() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: no arguments, no memory touched; glibc reads it from the thread's rseq
+        // area (or asks the vDSO), without allocating or locking.
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu >= 0 {
+            return cpu as usize % GROUPS;
+        }
+    }
+    0
+}
 
 /// Identifies one entry of the table: its shard and its index in that shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,35 +258,46 @@ pub(crate) struct StackTable {
     bytes: AtomicUsize,
 }
 
-pub(crate) static TABLE: StackTable = StackTable {
-    shards: [const {
-        ShardSlot {
-            shard: Mutex::new(Shard::new()),
-            samples: AtomicU64::new(0),
-        }
-    }; SHARDS],
-    overflow: Mutex::new(Counters {
-        alloc_objects: 0.0,
-        alloc_bytes: 0.0,
-        free_objects: 0.0,
-        free_bytes: 0.0,
-        raw_alloc_objects: 0,
-        raw_alloc_bytes: 0,
-        raw_free_objects: 0,
-        raw_free_bytes: 0,
-    }),
-    unique: AtomicUsize::new(0),
-    dropped: AtomicU64::new(0),
-    bytes: AtomicUsize::new(0),
-};
+pub(crate) static TABLE: StackTable = StackTable::new();
 
 impl StackTable {
-    /// Records a sampled allocation of `size` bytes with `weight` at `frames`.
+    /// An empty table.
+    const fn new() -> Self {
+        StackTable {
+            shards: [const {
+                ShardSlot {
+                    shard: Mutex::new(Shard::new()),
+                    samples: AtomicU64::new(0),
+                }
+            }; SHARDS],
+            overflow: Mutex::new(Counters {
+                alloc_objects: 0.0,
+                alloc_bytes: 0.0,
+                free_objects: 0.0,
+                free_bytes: 0.0,
+                raw_alloc_objects: 0,
+                raw_alloc_bytes: 0,
+                raw_free_objects: 0,
+                raw_free_bytes: 0,
+            }),
+            unique: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Records a sampled allocation of `size` bytes with `weight` at `frames`, in the entry
+    /// of the calling thread's CPU group.
     ///
     /// Called on the sampled path with the reentrancy mark set; may allocate (only then).
     pub(crate) fn record_alloc(&self, frames: &[usize], size: usize, weight: f64) -> StackId {
+        self.record_alloc_in(cpu_group(), frames, size, weight)
+    }
+
+    /// [`StackTable::record_alloc`] in the entry of CPU group `group`.
+    fn record_alloc_in(&self, group: usize, frames: &[usize], size: usize, weight: f64) -> StackId {
         let hash = hash_stack(frames);
-        let shard_no = hash as usize & (SHARDS - 1);
+        let shard_no = (hash as usize).wrapping_add(group * (SHARDS / GROUPS)) & (SHARDS - 1);
         let slot = &self.shards[shard_no];
         let mut shard = slot.shard.lock();
         slot.samples
@@ -326,6 +369,7 @@ impl StackTable {
             }
         }
         out.overflow = *self.overflow.lock();
+        out.merge_same_stacks();
     }
 
     pub(crate) fn unique_stacks(&self) -> usize {
@@ -399,6 +443,63 @@ impl RawSnapshot {
         // is a valid slice of ReturnAddress with the same length and lifetime.
         unsafe { std::slice::from_raw_parts(frames.as_ptr().cast(), frames.len()) }
     }
+
+    /// Adds up the records of one stack (its entries of several CPU groups) into the
+    /// first of them, keeping the order of first appearance.
+    fn merge_same_stacks(&mut self) {
+        let mut first: HashMap<&[usize], usize> = HashMap::with_capacity(self.records.len());
+        let mut merged: Vec<RawRecord> = Vec::with_capacity(self.records.len());
+        for r in &self.records {
+            match first.entry(&self.frames[r.start..r.start + r.len]) {
+                hash_map::Entry::Occupied(i) => merged[*i.get()].counters.merge(&r.counters),
+                hash_map::Entry::Vacant(v) => {
+                    v.insert(merged.len());
+                    merged.push(*r);
+                }
+            }
+        }
+        drop(first);
+        self.records = merged;
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<ReturnAddress>() == std::mem::size_of::<usize>());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_of<'a>(s: &'a RawSnapshot, frames: &[usize]) -> Vec<&'a RawRecord> {
+        s.records
+            .iter()
+            .filter(|r| &s.frames[r.start..r.start + r.len] == frames)
+            .collect()
+    }
+
+    #[test]
+    fn a_stack_has_an_entry_per_cpu_group_and_one_record() {
+        let table = StackTable::new();
+        let (a, b) = ([0x1000, 0x2000, 0x3000], [0x1000, 0x2000, 0x4000]);
+        let a0 = table.record_alloc_in(0, &a, 100, 2.0);
+        assert_eq!(table.record_alloc_in(0, &a, 100, 2.0), a0);
+        let a1 = table.record_alloc_in(1, &a, 300, 1.0);
+        let b3 = table.record_alloc_in(3, &b, 50, 4.0);
+        assert_ne!(a0, a1);
+        assert_eq!(table.unique_stacks(), 3, "two entries of a, one of b");
+        table.record_free(a1, 300, 1.0);
+
+        let mut s = RawSnapshot::default();
+        table.snapshot_into(&mut s);
+        assert_eq!(s.records.len(), 2);
+        let merged = record_of(&s, &a);
+        assert_eq!(merged.len(), 1);
+        let c = merged[0].counters;
+        assert_eq!((c.raw_alloc_objects, c.raw_alloc_bytes), (3, 500));
+        assert_eq!((c.alloc_objects, c.alloc_bytes), (5.0, 700.0));
+        assert_eq!((c.raw_free_objects, c.free_bytes), (1, 300.0));
+        let b_rec = record_of(&s, &b);
+        assert_eq!(b_rec.len(), 1);
+        assert_eq!(b_rec[0].counters.raw_alloc_objects, 1);
+        table.record_free(b3, 50, 4.0);
+    }
+}

@@ -8,7 +8,7 @@
 //!
 //! `inuse` is the exact bytes in use and its change over the interval; `alloc` and
 //! `free` are byte and object rates over the interval; then the profiler's own figures
-//! (samples taken, distinct stacks, samples dropped for want of table space, its own
+//! (samples taken, stack-table entries, samples dropped for want of table space, its own
 //! memory). Start it with [`start`], or from `ALLOCPROF_TRACE=<interval>` with
 //! [`start_from_env`] (the HTTP endpoint's `serve` calls that for you).
 
