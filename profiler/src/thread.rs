@@ -3,9 +3,11 @@
 //!
 //! # The fast path
 //!
-//! An allocation of `size` bytes does `alloc_left -= size; alloc_count += 1` and branches on
-//! `alloc_left <= 0`; a free does the same with `free_left` / `free_count`. Nothing else: no
-//! atomic read-modify-write, no lock, no call that could allocate. Because the thread-local
+//! An allocation of `size` bytes does `alloc_left -= step(size)` and branches on
+//! `alloc_left <= 0`; a free does the same with `free_left`. Each word counts bytes and
+//! operations at once: `step(size)` is the size shifted up by [`COUNT_BITS`] with a one in
+//! the bits below (see [`step`] and [`unpack`]). Nothing else: no atomic
+//! read-modify-write, no lock, no call that could allocate. Because the thread-local
 //! is `const`-initialised and has no destructor, accessing it compiles to a plain
 //! TLS-relative load and store with no lazy-initialisation check.
 //!
@@ -15,7 +17,8 @@
 //! [`RATE_REACH_BYTES`]. When it runs out, [`alloc_event`] publishes the bytes and counts
 //! consumed since arming (into the thread's own slot of counters, see [`SLOTS`]; a plain
 //! load and store each), decides whether the allocation that crossed zero is sampled, and
-//! re-arms. For a thread with a slot, the free side has no event at all.
+//! re-arms. The free side's word is armed with at most [`FREE_REACH_BYTES`], so that its
+//! count never reaches the bytes above it; its event only publishes and re-arms.
 //!
 //! The exact totals do not wait for those events: readers add each registered thread's
 //! unflushed counts, read in place under a sequence lock (see [`Unflushed`] and
@@ -47,8 +50,53 @@ pub(crate) const FLUSH_BYTES: isize = 256 * 1024;
 /// 0.6–0.8% of its CPU time (`benches/runs/2026-12-01-fewer-events.txt`).
 pub(crate) const RATE_REACH_BYTES: isize = 2 * 1024 * 1024;
 
+/// Most freeing between two free-side events of a thread: enough to make them rare (one
+/// per 32 MiB freed), and below `2^COUNT_BITS`, so that the free count, one per freed byte
+/// at most, never reaches the bytes above it.
+const FREE_REACH_BYTES: isize = 1 << 25;
+
 /// Distance meaning "no sample will ever be taken" (rate 0).
 const NEVER: isize = isize::MAX / 4;
+
+/// The low bits of a countdown word, which count operations; the bytes are above them.
+/// Between two events a word counts at most [`RATE_REACH_BYTES`] or [`FREE_REACH_BYTES`]
+/// operations (each of at least a byte: `GlobalAlloc` is never called with size 0), below
+/// `2^COUNT_BITS`, so the count never carries into the bytes. A [`Region`] counts up to `2^COUNT_BITS`
+/// operations and 64 GiB.
+const COUNT_BITS: u32 = 26;
+const COUNT_MASK: isize = (1 << COUNT_BITS) - 1;
+
+/// The largest size a countdown word takes whole: a larger operation takes this much
+/// there (enough to reach zero from any armed value) and its event adds the rest.
+const CLAMP: usize = 1 << 35;
+
+/// What one operation of `size` bytes takes off a countdown word: one operation in the low
+/// bits and its bytes above them. Two register instructions and a shift: the two
+/// increments of separate counts it replaced were read-modify-writes of memory, 2.5 points
+/// of the small-strings benchmark on the Intel VM (`benches/runs/2026-12-02-1645-fast-path-parts.txt`).
+#[inline(always)]
+fn step(size: usize) -> isize {
+    ((size.min(CLAMP) as isize) << COUNT_BITS) | 1
+}
+
+/// A countdown word armed with `bytes` (below 2^(63 - COUNT_BITS)).
+const fn armed_word(bytes: isize) -> isize {
+    bytes << COUNT_BITS
+}
+
+/// The bytes and operations a word counted: `consumed` is its armed value minus its value.
+fn unpack(consumed: isize) -> (u64, u64) {
+    if consumed <= 0 {
+        return (0, 0);
+    }
+    (
+        (consumed >> COUNT_BITS) as u64,
+        (consumed & COUNT_MASK) as u64,
+    )
+}
+
+/// What a [`Region`] arms both words with: 64 GiB, beyond any region's reach.
+const REGION_ARM: isize = armed_word(1 << 36);
 
 const PHASE_NEW: u8 = 0;
 const PHASE_RUNNING: u8 = 1;
@@ -82,18 +130,15 @@ macro_rules! owned_word {
     };
 }
 owned_word!(Bytes, AtomicIsize, isize);
-owned_word!(Count, AtomicU64, u64);
 
 /// The counters of a thread that [`totals`] reads in place, for threads with a slot (see
 /// [`SLOTS`]): what the thread has allocated and freed since its last flush.
 struct Unflushed {
-    /// Bytes of allocation left before the next slow event.
+    /// Bytes of allocation left before the next slow event, shifted up by
+    /// [`COUNT_BITS`], less the allocations since arming (see [`step`]).
     alloc_left: Bytes,
-    /// Allocations since the last flush.
-    alloc_count: Count,
-    /// Bytes of freeing left before the next free-side event.
+    /// The same for freeing and the free-side event.
     free_left: Bytes,
-    free_count: Count,
     /// The value `alloc_left` was last armed with (or reset to by a partial flush).
     alloc_armed: Bytes,
     free_armed: Bytes,
@@ -152,9 +197,7 @@ thread_local! {
         ThreadState {
             c: Unflushed {
                 alloc_left: Bytes::new(0),
-                alloc_count: Count::new(0),
                 free_left: Bytes::new(0),
-                free_count: Count::new(0),
                 alloc_armed: Bytes::new(0),
                 free_armed: Bytes::new(0),
                 seq: AtomicU64::new(0),
@@ -273,9 +316,8 @@ static TOTALS: Totals = Totals::new();
 #[inline(always)]
 pub(crate) fn on_alloc(size: usize) -> bool {
     STATE.with(|s| {
-        let left = s.c.alloc_left.get().wrapping_sub(size as isize);
+        let left = s.c.alloc_left.get().wrapping_sub(step(size));
         s.c.alloc_left.set(left);
-        s.c.alloc_count.set(s.c.alloc_count.get().wrapping_add(1));
         left <= 0
     })
 }
@@ -284,9 +326,8 @@ pub(crate) fn on_alloc(size: usize) -> bool {
 #[inline(always)]
 pub(crate) fn on_free(size: usize) -> bool {
     STATE.with(|s| {
-        let left = s.c.free_left.get().wrapping_sub(size as isize);
+        let left = s.c.free_left.get().wrapping_sub(step(size));
         s.c.free_left.set(left);
-        s.c.free_count.set(s.c.free_count.get().wrapping_add(1));
         left <= 0
     })
 }
@@ -324,8 +365,11 @@ pub(crate) fn alloc_event(size: usize) -> Option<usize> {
 
 /// The part of [`alloc_event`] that readers must not see half done.
 fn alloc_event_change(s: &ThreadState, size: usize) -> Option<usize> {
-    let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
-    flush_alloc(s, consumed);
+    let (bytes, count) = unpack(s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get()));
+    // What the word did not take of an allocation larger than CLAMP (this one).
+    let bytes = bytes + size.saturating_sub(CLAMP) as u64;
+    flush_alloc(s, bytes, count);
+    let consumed = bytes.min(NEVER as u64) as isize;
     // The free side too, though its countdown did not run out: a reader that stops
     // waiting for this change falls back on the slot's totals, which are then
     // complete up to this event (the same line is being written anyway).
@@ -388,18 +432,18 @@ fn arm_alloc(s: &ThreadState) {
         .sample_left
         .get()
         .clamp(0, flush_limit(s).min(RATE_REACH_BYTES));
-    s.c.alloc_armed.set(armed);
-    s.c.alloc_left.set(armed);
+    s.c.alloc_armed.set(armed_word(armed));
+    s.c.alloc_left.set(armed_word(armed));
 }
 
-fn flush_alloc(s: &ThreadState, consumed: isize) {
-    let count = s.c.alloc_count.replace(0);
-    publish(s, Dir::Alloc, consumed.max(0) as u64, count);
+fn flush_alloc(s: &ThreadState, bytes: u64, count: u64) {
+    publish(s, Dir::Alloc, bytes, count);
 }
 
-/// The free-side flush: publishes the freed bytes and count and re-arms.
+/// The free-side event, for the free of `size` bytes that made `free_left` reach zero:
+/// publishes the freed bytes and count and re-arms.
 #[cold]
-pub(crate) fn free_event() {
+pub(crate) fn free_event(size: usize) {
     STATE.with(|s| {
         if s.phase.get() == PHASE_NEW {
             // A thread that only frees (memory other threads allocated) must flush at
@@ -408,7 +452,9 @@ pub(crate) fn free_event() {
         }
         s.c.change(|| {
             flush_free(s);
-            let armed = flush_limit(s);
+            // What the word did not take of a free larger than CLAMP (this one).
+            publish(s, Dir::Free, size.saturating_sub(CLAMP) as u64, 0);
+            let armed = armed_word(flush_limit(s).min(FREE_REACH_BYTES));
             s.c.free_armed.set(armed);
             s.c.free_left.set(armed);
         })
@@ -416,10 +462,9 @@ pub(crate) fn free_event() {
 }
 
 fn flush_free(s: &ThreadState) {
-    let consumed = s.c.free_armed.get().wrapping_sub(s.c.free_left.get());
+    let (bytes, count) = unpack(s.c.free_armed.get().wrapping_sub(s.c.free_left.get()));
     s.c.free_armed.set(s.c.free_left.get());
-    let count = s.c.free_count.replace(0);
-    publish(s, Dir::Free, consumed.max(0) as u64, count);
+    publish(s, Dir::Free, bytes, count);
 }
 
 #[derive(Clone, Copy)]
@@ -456,9 +501,10 @@ const NO_SLOT: u16 = u16::MAX;
 ///
 /// A thread with a slot is also registered in [`THREADS`], and readers ([`totals`]) add
 /// what it has not flushed, read from its thread-local counters in place. So such a
-/// thread never needs to flush for the totals' sake (its free countdown never runs out;
-/// its allocation countdown runs to the next sample point, or [`RATE_REACH_BYTES`]), and
-/// the totals are exact at every moment. Only threads without a slot (more than
+/// thread never needs to flush for the totals' sake (its countdowns run to the next
+/// sample point or [`RATE_REACH_BYTES`], and [`FREE_REACH_BYTES`], which only keep their
+/// counts from reaching the bytes above them), and the totals are exact at every moment (but for the part of a
+/// single operation over [`CLAMP`] bytes, which its own event adds a moment later). Only threads without a slot (more than
 /// [`SLOT_COUNT`] at once) flush every [`FLUSH_BYTES`].
 static SLOTS: [Totals; SLOT_COUNT] = [const { Totals::new() }; SLOT_COUNT];
 /// Whether slot `n` has an owner.
@@ -534,14 +580,9 @@ fn slot_sums(n: usize) -> Sums {
         let seq = c.seq.load(Ordering::Acquire);
         if seq % 2 == 0 {
             let base = published(&SLOTS[n]);
-            let alloc = c.alloc_armed.get().wrapping_sub(c.alloc_left.get());
-            let free = c.free_armed.get().wrapping_sub(c.free_left.get());
-            let unflushed = [
-                alloc.max(0) as u64,
-                c.alloc_count.get(),
-                free.max(0) as u64,
-                c.free_count.get(),
-            ];
+            let alloc = unpack(c.alloc_armed.get().wrapping_sub(c.alloc_left.get()));
+            let free = unpack(c.free_armed.get().wrapping_sub(c.free_left.get()));
+            let unflushed = [alloc.0, alloc.1, free.0, free.1];
             // Pairs with the owner's Release fence after opening a change: if it changed
             // anything read above, the second load sees the new sequence number.
             fence(Ordering::Acquire);
@@ -588,15 +629,13 @@ pub(crate) fn reset_after_fork_in_child() {
 /// Publishes everything this thread holds without taking a slow event's decisions: used at
 /// thread exit, at the start of a region and when the rate changes. Inside a change.
 fn flush_partial(s: &ThreadState) {
-    let consumed = s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get());
-    if consumed > 0 {
+    let (bytes, count) = unpack(s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get()));
+    if bytes > 0 || count > 0 {
         s.c.alloc_armed.set(s.c.alloc_left.get());
         s.sample_left
-            .set(s.sample_left.get().saturating_sub(consumed));
-        flush_alloc(s, consumed);
-    } else {
-        flush_alloc(s, 0);
+            .set(s.sample_left.get().saturating_sub(bytes as isize));
     }
+    flush_alloc(s, bytes, count);
     flush_free(s);
 }
 
@@ -633,9 +672,9 @@ fn start_thread(s: &ThreadState) {
 }
 
 /// A stretch of this thread's work whose allocations and frees are measured apart from
-/// the program's, without touching the fast path: it flushes, saves the four fast-path
-/// counters, sets the countdowns out of reach (so no slow event fires inside), and on
-/// drop reads what the region consumed and restores the counters. Readers of the totals
+/// the program's, without touching the fast path: it flushes, saves the two fast-path
+/// words, arms them with [`REGION_ARM`] (so no slow event fires inside), and on drop
+/// reads what the region consumed and restores the words. Readers of the totals
 /// see the thread as it was when the region began.
 ///
 /// * [`Region::hidden`] leaves the region's allocations out of the exact totals and of
@@ -649,9 +688,7 @@ fn start_thread(s: &ThreadState) {
 ///   `Stats::profiler_bytes` as well as in the totals.
 pub(crate) struct Region {
     alloc_left: isize,
-    alloc_count: u64,
     free_left: isize,
-    free_count: u64,
     sink: Option<&'static std::sync::atomic::AtomicI64>,
     /// Whether this region opened the change readers wait out (not when nested in one).
     opened: bool,
@@ -673,10 +710,8 @@ impl Region {
                 flush_partial(s);
             }
             Region {
-                alloc_left: s.c.alloc_left.replace(NEVER),
-                alloc_count: s.c.alloc_count.replace(0),
-                free_left: s.c.free_left.replace(NEVER),
-                free_count: s.c.free_count.replace(0),
+                alloc_left: s.c.alloc_left.replace(REGION_ARM),
+                free_left: s.c.free_left.replace(REGION_ARM),
                 sink,
                 opened,
                 _not_send: std::marker::PhantomData,
@@ -698,13 +733,13 @@ impl Region {
 impl Drop for Region {
     fn drop(&mut self) {
         STATE.with(|s| {
-            let allocated = NEVER.wrapping_sub(s.c.alloc_left.replace(self.alloc_left));
-            let allocations = s.c.alloc_count.replace(self.alloc_count);
-            let freed = NEVER.wrapping_sub(s.c.free_left.replace(self.free_left));
-            let frees = s.c.free_count.replace(self.free_count);
+            let (allocated, allocations) =
+                unpack(REGION_ARM.wrapping_sub(s.c.alloc_left.replace(self.alloc_left)));
+            let (freed, frees) =
+                unpack(REGION_ARM.wrapping_sub(s.c.free_left.replace(self.free_left)));
             if let Some(sink) = self.sink {
-                TOTALS.alloc.add_shared(allocated as u64, allocations);
-                TOTALS.free.add_shared(freed as u64, frees);
+                TOTALS.alloc.add_shared(allocated, allocations);
+                TOTALS.free.add_shared(freed, frees);
                 sink.fetch_add(allocated as i64 - freed as i64, Ordering::Relaxed);
             }
             if self.opened {
@@ -734,7 +769,7 @@ mod tests {
     fn free(n: usize, size: usize) {
         for _ in 0..n {
             if on_free(size) {
-                free_event();
+                free_event(size);
             }
         }
     }
@@ -799,6 +834,33 @@ mod tests {
         to_worker.send(()).unwrap();
         worker.join().unwrap();
         assert_eq!(totals(), t3, "nothing lost when the thread exits");
+    }
+
+    #[test]
+    fn counts_never_carry_into_bytes_and_huge_sizes_count_whole() {
+        let _serial = serial();
+        std::thread::spawn(|| {
+            allocate(1, 8);
+            free(1, 8);
+            let before = totals();
+            // One-byte operations: the most operations a word counts per byte, and more of
+            // them than the low bits hold (2^26), which only events in time keep from
+            // carrying into the bytes.
+            let n = (1 << COUNT_BITS) + 1_000_000;
+            allocate(n, 1);
+            free(n, 1);
+            let n = n as u64;
+            assert_eq!(minus(totals(), before), (n, n, n, n), "one byte each");
+            // Sizes over CLAMP: the word takes CLAMP, the event the rest.
+            let before = totals();
+            let huge = CLAMP * 3 + 12_345;
+            allocate(2, huge);
+            free(1, huge);
+            let h = huge as u64;
+            assert_eq!(minus(totals(), before), (2 * h, 2, h, 1), "whole sizes");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
