@@ -368,7 +368,7 @@ fn alloc_event_change(s: &ThreadState, size: usize) -> Option<usize> {
     let (bytes, count) = unpack(s.c.alloc_armed.get().wrapping_sub(s.c.alloc_left.get()));
     // What the word did not take of an allocation larger than CLAMP (this one).
     let bytes = bytes + size.saturating_sub(CLAMP) as u64;
-    flush_alloc(s, bytes, count);
+    publish(s, Dir::Alloc, bytes, count);
     let consumed = bytes.min(NEVER as u64) as isize;
     // The free side too, though its countdown did not run out: a reader that stops
     // waiting for this change falls back on the slot's totals, which are then
@@ -434,10 +434,6 @@ fn arm_alloc(s: &ThreadState) {
         .clamp(0, flush_limit(s).min(RATE_REACH_BYTES));
     s.c.alloc_armed.set(armed_word(armed));
     s.c.alloc_left.set(armed_word(armed));
-}
-
-fn flush_alloc(s: &ThreadState, bytes: u64, count: u64) {
-    publish(s, Dir::Alloc, bytes, count);
 }
 
 /// The free-side event, for the free of `size` bytes that made `free_left` reach zero:
@@ -635,7 +631,7 @@ fn flush_partial(s: &ThreadState) {
         s.sample_left
             .set(s.sample_left.get().saturating_sub(bytes as isize));
     }
-    flush_alloc(s, bytes, count);
+    publish(s, Dir::Alloc, bytes, count);
     flush_free(s);
 }
 
