@@ -23,9 +23,10 @@ use std::alloc::{GlobalAlloc, Layout};
 ///
 /// An allocation or free that is not sampled costs a thread-local subtraction (of its size
 /// shifted up, with a one below it: bytes and count in one word) and a branch; a free also
-/// tests one bit of the live set's filter (an 8 KiB array that stays in cache). About 1 ns per allocation and free together (criterion,
-/// `benches/`). Sampled allocations (one per [`crate::sample_rate`] bytes on average)
-/// capture the stack and update the table: about 0.2 µs at a stack depth of 30.
+/// tests one bit of the live set's filter (an 8 KiB array that stays in cache). About 1 ns
+/// per allocation and free together (criterion, `benches/`). Sampled allocations (one per
+/// [`crate::sample_rate`] bytes on average) capture the stack and update the table: about
+/// 0.2 µs at a stack depth of 30.
 pub struct Profiler<A> {
     inner: A,
 }

@@ -61,8 +61,8 @@ const NEVER: isize = isize::MAX / 4;
 /// The low bits of a countdown word, which count operations; the bytes are above them.
 /// Between two events a word counts at most [`RATE_REACH_BYTES`] or [`FREE_REACH_BYTES`]
 /// operations (each of at least a byte: `GlobalAlloc` is never called with size 0), below
-/// `2^COUNT_BITS`, so the count never carries into the bytes. A [`Region`] counts up to `2^COUNT_BITS`
-/// operations and 64 GiB.
+/// `2^COUNT_BITS`, so the count never carries into the bytes. A [`Region`] counts up to
+/// `2^COUNT_BITS` operations and 64 GiB.
 const COUNT_BITS: u32 = 26;
 const COUNT_MASK: isize = (1 << COUNT_BITS) - 1;
 
@@ -71,9 +71,10 @@ const COUNT_MASK: isize = (1 << COUNT_BITS) - 1;
 const CLAMP: usize = 1 << 35;
 
 /// What one operation of `size` bytes takes off a countdown word: one operation in the low
-/// bits and its bytes above them. Two register instructions and a shift: the two
-/// increments of separate counts it replaced were read-modify-writes of memory, 2.5 points
-/// of the small-strings benchmark on the Intel VM (`benches/runs/2026-12-02-1645-fast-path-parts.txt`).
+/// bits and its bytes above them. Two register instructions and a shift: the two increments
+/// of separate counts it replaced were read-modify-writes of memory, 2.5 points of the
+/// small-strings benchmark on the Intel VM
+/// (`benches/runs/2026-12-02-1645-fast-path-parts.txt`).
 #[inline(always)]
 fn step(size: usize) -> isize {
     ((size.min(CLAMP) as isize) << COUNT_BITS) | 1
@@ -496,12 +497,13 @@ const NO_SLOT: u16 = u16::MAX;
 /// left in place, and the next thread to claim it keeps adding to them.
 ///
 /// A thread with a slot is also registered in [`THREADS`], and readers ([`totals`]) add
-/// what it has not flushed, read from its thread-local counters in place. So such a
-/// thread never needs to flush for the totals' sake (its countdowns run to the next
-/// sample point or [`RATE_REACH_BYTES`], and [`FREE_REACH_BYTES`], which only keep their
-/// counts from reaching the bytes above them), and the totals are exact at every moment (but for the part of a
-/// single operation over [`CLAMP`] bytes, which its own event adds a moment later). Only threads without a slot (more than
-/// [`SLOT_COUNT`] at once) flush every [`FLUSH_BYTES`].
+/// what it has not flushed, read from its thread-local counters in place. So such a thread
+/// never needs to flush for the totals' sake (its countdowns run to the next sample point
+/// or [`RATE_REACH_BYTES`], and [`FREE_REACH_BYTES`], which only keep their counts from
+/// reaching the bytes above them), and the totals are exact at every moment (but for the
+/// part of a single operation over [`CLAMP`] bytes, which its own event adds a moment
+/// later). Only threads without a slot (more than [`SLOT_COUNT`] at once) flush every
+/// [`FLUSH_BYTES`].
 static SLOTS: [Totals; SLOT_COUNT] = [const { Totals::new() }; SLOT_COUNT];
 /// Whether slot `n` has an owner.
 static OWNED: [AtomicBool; SLOT_COUNT] = [const { AtomicBool::new(false) }; SLOT_COUNT];
